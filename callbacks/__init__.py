@@ -1,0 +1,1 @@
+"""Lightning callbacks of marble-pl, installed as ``marble_pl.callbacks``."""
