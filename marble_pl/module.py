@@ -1,0 +1,599 @@
+"""``MarbleModule``: one MARBLE training step per batch, with Lightning's manual optimisation.
+
+``training_step`` reads as ARCHITECTURE §2: rollout with the sampling policy ``v_old`` -> K
+rewards -> per-reward advantages ``r`` -> DiffusionNFT loss -> per-reward gradients -> balance
+(OSQP) -> coefficient EMA -> one update -> ``v_old <- EMA(v_theta)``. The math is in the pure
+modules; this file wires them to the models, the optimizer and the logger.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from marble_pl.advantages import StdMode, group_advantages, optimality
+from marble_pl.balance import (
+    BalanceResult,
+    FixedWeights,
+    MinNormSolver,
+    Normalization,
+    gradient_scales,
+    gram,
+    rescale_gram,
+    to_raw_weights,
+)
+from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
+from marble_pl.models import (
+    DEFAULT_ADAPTER,
+    DEFAULT_LORA_TARGETS,
+    SAMPLING_ADAPTER,
+    add_lora,
+    add_sampling_adapter,
+    ema_update_adapter,
+    encode_prompts,
+    ensure_tiny_sd3,
+    load_sd3,
+    use_adapter,
+)
+from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
+from marble_pl.rewards import build_rewards
+from marble_pl.rollout import RolloutConfig, rollout
+
+BalancerName = Literal["marble", "weighted_sum", "single"]
+LossForm = Literal["reference", "plain"]
+NonFinitePolicy = Literal["error", "drop"]
+
+__all__ = ["MarbleModule", "StepRecord", "NonFiniteRewardError"]
+
+
+class NonFiniteRewardError(FloatingPointError):
+    """A reward model returned NaN/inf; the message names the reward and the fix."""
+
+
+@dataclass
+class StepRecord:
+    """What one training step computed, kept for callbacks (cosine monitor, tests).
+
+    ``grads`` are the per-reward gradients (``[K, P]`` in ``parameters`` space, ``None`` in
+    ``output`` space where ``gram`` is the output-space Gram); ``weights_raw`` is ``lambda*``,
+    ``weights`` the coefficients applied (after the EMA); ``direction`` the applied gradient.
+    """
+
+    rewards: Tensor
+    r: Tensor
+    gram: Tensor | None
+    weights_raw: np.ndarray
+    weights: np.ndarray
+    grads: Tensor | None
+    direction: Tensor | None
+    balance: BalanceResult | None
+
+
+class MarbleModule(LightningModule):
+    """Multi-reward DiffusionNFT fine-tuning of an SD3 transformer's LoRA, balanced by MARBLE.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local directory of an SD3 pipeline.
+        local_files_only: never touch the network when loading (as ``from_pretrained``).
+        build_tiny_if_missing: build a tiny random SD3 pipeline at that path first when it holds
+            none (the offline CPU run of ``configs/tiny.yaml``).
+        load_t5: load the T5 text encoder (SD3's third encoder) when the pipeline has one.
+        rewards: reward names or specs (``{"name": ..., **kwargs}`` or ``class_path``), see
+            :mod:`marble_pl.rewards`.
+        balancer: ``marble`` (OSQP min-norm over per-reward gradients), ``weighted_sum`` (one
+            advantage estimator on ``R @ reward_weights``: today's practice) or ``single``
+            (only ``rewards[single_reward]`` trains; the speed reference).
+        reward_weights: the weighted-sum weights (uniform when None).
+        single_reward: index of the reward the ``single`` balancer trains on.
+        gradient_space: ``output`` (amortized, closed form, one backward) or ``parameters``
+            (exact, K backwards over the LoRA parameters).
+        normalization: gradient normalisation before the Gram: ``none``, ``l2`` or ``loss``.
+        beta: DiffusionNFT's guidance strength, in (0, 1].
+        a_max: advantage clip (DiffusionNFT's ``adv_clip_max``); ``r`` in [0, 1].
+        advantage_std: ``group`` or ``global`` standard deviation for the advantages.
+        advantage_eps: added to the standard deviation.
+        loss_form: ``reference`` (DiffusionNFT's x0-space adaptive-weighted loss, scaled by
+            ``a_max / beta``) or ``plain`` (mean squared velocity error).
+        kl_beta: weight of ``mean (v_theta - v_ref)^2`` against the frozen base model (0: off).
+        old_policy_decay: ``v_old <- decay * v_old + (1 - decay) * v_theta`` after each step.
+        lora_rank, lora_alpha, lora_target_modules: the LoRA adapter (peft).
+        num_inference_steps, guidance_scale, resolution, noise_level: rollout sampler settings.
+        t_min, t_max: training timesteps ``t ~ U(t_min, t_max)``.
+        optimizer: optimizer over the LoRA parameters (AdamW by default).
+        lr_scheduler: optional LR scheduler, stepped every training step.
+        gradient_clip_norm: clip the applied gradient's norm (None: off).
+        nonfinite_rewards: ``error`` stops with a message naming the reward; ``drop`` gives those
+            samples ``r = 0.5`` (no push) for that reward and counts them in a metric.
+        max_sequence_length: T5 tokens (SD3 default 256).
+        seed: base seed of the per-step rollout and timestep generators (exact resume).
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3.5-medium",
+        local_files_only: bool = False,
+        build_tiny_if_missing: bool = False,
+        load_t5: bool = True,
+        rewards: Sequence[str | dict[str, Any]] = ("brightness", "saturation", "compressibility"),
+        balancer: BalancerName = "marble",
+        reward_weights: Sequence[float] | None = None,
+        single_reward: int = 0,
+        gradient_space: GradientSpace = "output",
+        normalization: Normalization = "none",
+        beta: float = 1.0,
+        a_max: float = 5.0,
+        advantage_std: StdMode = "group",
+        advantage_eps: float = 1e-4,
+        loss_form: LossForm = "reference",
+        kl_beta: float = 0.0,
+        old_policy_decay: float = 0.5,
+        lora_rank: int = 32,
+        lora_alpha: float = 64.0,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 4.5,
+        resolution: int = 512,
+        noise_level: float = 0.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_norm: float | None = 1.0,
+        nonfinite_rewards: NonFinitePolicy = "error",
+        max_sequence_length: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the LoRA weights only, not the base model
+        check_beta(beta)
+        if not a_max > 0:
+            raise ValueError(
+                f"a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}"
+            )
+        if balancer not in ("marble", "weighted_sum", "single"):
+            raise ValueError(
+                f"balancer must be 'marble', 'weighted_sum' or 'single', got {balancer!r}"
+            )
+        if gradient_space not in ("output", "parameters"):
+            raise ValueError(
+                f"gradient_space must be 'output' or 'parameters', got {gradient_space!r}"
+            )
+        if loss_form not in ("reference", "plain"):
+            raise ValueError(f"loss_form must be 'reference' or 'plain', got {loss_form!r}")
+        if nonfinite_rewards not in ("error", "drop"):
+            raise ValueError(
+                f"nonfinite_rewards must be 'error' or 'drop', got {nonfinite_rewards!r}"
+            )
+        if not 0.0 <= old_policy_decay <= 1.0:
+            raise ValueError(f"old_policy_decay must be in [0, 1], got {old_policy_decay}")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if kl_beta < 0:
+            raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
+
+        self.rewards = build_rewards(list(rewards))
+        self.reward_names: list[str] = [rw.name for rw in self.rewards]
+        k = len(self.reward_names)
+        if reward_weights is not None and len(reward_weights) != k:
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} entries for {k} rewards "
+                f"{self.reward_names}: give one weight per reward, in the same order"
+            )
+        self.fixed_weights = FixedWeights(
+            reward_weights if reward_weights is not None else [1.0] * k
+        )
+        if balancer == "single" and not 0 <= single_reward < k:
+            raise ValueError(
+                f"single_reward={single_reward} is out of range for rewards {self.reward_names}"
+            )
+        self.rollout_config = RolloutConfig(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            noise_level=noise_level,
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.solver = MinNormSolver()
+        self.counters = {"qp_fallbacks": 0, "nonfinite_rewards": 0}
+        self.last_step: StepRecord | None = None
+        self._negative: tuple[Tensor, Tensor] | None = None
+        self._configured = False
+
+    # ------------------------------------------------------------------ models
+
+    def configure_model(self) -> None:
+        """Load the SD3 components, attach the trained LoRA and the sampling-policy copy."""
+        if self._configured:
+            return
+        hp = self.hparams
+        path = hp.pretrained_model_name_or_path
+        if hp.build_tiny_if_missing:
+            ensure_tiny_sd3(path)
+        parts = load_sd3(path, local_files_only=hp.local_files_only, load_t5=hp.load_t5)
+        for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.transformer = parts.transformer
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.text_encoder_2 = parts.text_encoder_2
+        self.text_encoder_3 = parts.text_encoder_3
+        self.tokenizers = (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3)
+        self.scheduler = parts.scheduler
+        self.lora_params = add_lora(
+            self.transformer,
+            rank=hp.lora_rank,
+            alpha=hp.lora_alpha,
+            target_modules=list(hp.lora_target_modules),
+        )
+        add_sampling_adapter(self.transformer)
+        self.patch_size = int(self.transformer.config.patch_size)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        multiple = self.vae_scale_factor * self.patch_size
+        if hp.resolution % multiple:
+            raise ValueError(
+                f"resolution={hp.resolution} must be a multiple of {multiple} "
+                f"(VAE scale factor {self.vae_scale_factor} x patch size {self.patch_size})"
+            )
+        self._configured = True
+
+    def train(self, mode: bool = True) -> MarbleModule:
+        """Keep the frozen VAE and text encoders in eval mode whatever Lightning asks."""
+        super().train(mode)
+        for frozen in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self, frozen, None)
+            if module is not None:
+                module.eval()
+        return self
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.lora_params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Text conditioning ``(prompt_embeds, pooled)`` from the frozen encoders."""
+        tok, tok2, tok3 = self.tokenizers
+        return encode_prompts(
+            list(prompts),
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            text_encoder_3=self.text_encoder_3,
+            tokenizer=tok,
+            tokenizer_2=tok2,
+            tokenizer_3=tok3,
+            transformer=self.transformer,
+            device=self.device,
+            max_sequence_length=self.hparams.max_sequence_length,
+        )
+
+    def _negative_embeds(self, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """Empty-prompt conditioning for CFG, encoded once and cached."""
+        if self.rollout_config.guidance_scale <= 1.0:
+            return None, None
+        if self._negative is None or self._negative[0].device != self.device:
+            self._negative = self.encode([""])
+        neg, neg_pooled = self._negative
+        return neg.expand(n, *neg.shape[1:]), neg_pooled.expand(n, *neg_pooled.shape[1:])
+
+    def _generator(self, stream: int) -> torch.Generator:
+        """A generator seeded by (seed, step, rank, stream): reproducible and resumable."""
+        seed = (
+            self.hparams.seed * 1_000_003
+            + self.global_step * 7919
+            + self.global_rank * 104_729
+            + stream * 15_485_863
+        )
+        return torch.Generator(device="cpu").manual_seed(seed % (2**63))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        adapter: str | None = SAMPLING_ADAPTER,
+    ):
+        """Roll out one image per prompt with the given adapter (``v_old`` by default)."""
+        embeds, pooled = self.encode(prompts)
+        neg, neg_pooled = self._negative_embeds(len(prompts))
+        with use_adapter(self.transformer, adapter):
+            return rollout(
+                self.transformer,
+                self.vae,
+                self.scheduler,
+                embeds,
+                pooled,
+                config=self.rollout_config,
+                negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=neg_pooled,
+                generator=generator,
+            )
+
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """``R [N, K]``: every reward on every image (float32)."""
+        return torch.stack([rw(images, prompts).float() for rw in self.rewards], dim=1)
+
+    def _check_finite(self, rewards: Tensor) -> Tensor:
+        """Apply the non-finite policy: a clear error, or a mask of the rows to neutralise."""
+        bad = ~torch.isfinite(rewards)
+        if not bad.any():
+            return bad
+        names = [self.reward_names[k] for k in bad.any(0).nonzero().flatten().tolist()]
+        if self.hparams.nonfinite_rewards == "error":
+            raise NonFiniteRewardError(
+                f"reward(s) {names} returned NaN/inf for {int(bad.sum())} of {bad.numel()} scores at "
+                f"step {self.global_step}. Fix the reward model, or set "
+                "`model.nonfinite_rewards: drop` to give those samples no push (counted in "
+                "`rewards/nonfinite`)."
+            )
+        self.counters["nonfinite_rewards"] += int(bad.sum())
+        return bad
+
+    def optimality_probabilities(self, rewards: Tensor, group_ids: Tensor, bad: Tensor) -> Tensor:
+        """``r``: ``[N, K]`` per reward (marble), or ``[N, 1]`` (weighted_sum / single)."""
+        hp = self.hparams
+        clean = torch.where(bad, torch.zeros_like(rewards), rewards)
+        if hp.balancer == "weighted_sum":
+            w = torch.as_tensor(self.fixed_weights.weights, dtype=clean.dtype, device=clean.device)
+            clean, bad = (clean @ w).unsqueeze(1), bad.any(1, keepdim=True)
+        elif hp.balancer == "single":
+            i = hp.single_reward
+            clean, bad = clean[:, i : i + 1], bad[:, i : i + 1]
+        # A dropped sample must not move its group's statistics: give it the group mean.
+        if bad.any():
+            clean = self._fill_group_mean(clean, bad, group_ids)
+        adv = group_advantages(clean, group_ids, eps=hp.advantage_eps, std=hp.advantage_std)
+        r = optimality(adv, hp.a_max)
+        return torch.where(bad, torch.full_like(r, 0.5), r)
+
+    @staticmethod
+    def _fill_group_mean(values: Tensor, bad: Tensor, group_ids: Tensor) -> Tensor:
+        out = values.clone()
+        for g in group_ids.unique():
+            rows = group_ids == g
+            for k in range(values.shape[1]):
+                ok = rows & ~bad[:, k]
+                fill = values[ok, k].mean() if ok.any() else values.new_zeros(())
+                out[rows & bad[:, k], k] = fill
+        return out
+
+    def velocity(self, x_t: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """``v(x_t, t)`` of the transformer with whichever adapter is active."""
+        return self.transformer(
+            hidden_states=x_t,
+            timestep=t * self.scheduler.config.num_train_timesteps,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    def _loss_kwargs(self, t: Tensor) -> dict[str, Any]:
+        hp = self.hparams
+        if hp.loss_form == "reference":
+            return {"t": t, "adaptive_weight": True, "scale": hp.a_max / hp.beta}
+        return {}
+
+    def _coefficients(
+        self, m: Tensor | None, losses: Tensor
+    ) -> tuple[np.ndarray, np.ndarray, BalanceResult | None]:
+        """``(lambda*, lambda_bar, result)``; the baselines have one column and weight 1."""
+        hp = self.hparams
+        if hp.balancer != "marble" or m is None:
+            return np.ones(1), np.ones(1), None
+        scales = gradient_scales(m, hp.normalization, losses.detach().double().cpu().numpy())
+        result = self.solver(rescale_gram(m, scales))
+        if result.fallback:
+            self.counters["qp_fallbacks"] += 1
+        raw = to_raw_weights(result.weights, scales)
+        return raw, self._smooth(raw), result
+
+    def _smooth(self, weights: np.ndarray) -> np.ndarray:
+        """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
+        from marble_pl.callbacks.coefficient_ema import CoefficientEMA
+
+        trainer = self._trainer
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                if isinstance(cb, CoefficientEMA):
+                    return cb.update(weights)
+        return weights
+
+    def _all_reduce_sum(self, x: Tensor) -> Tensor:
+        """Sum over data-parallel ranks (identity on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x, reduce_op="sum")
+
+    def _all_reduce_mean(self, x: Tensor) -> Tensor:
+        """Mean over data-parallel ranks, as DDP averages gradients (identity on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self._all_reduce_sum(x) / self.trainer.world_size
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        prompts, group_ids = batch["prompts"], batch["group_ids"].to(self.device)
+        t0 = time.perf_counter()
+
+        # 1. Rollout with the sampling policy v_old (no grad).
+        out = self.sample(prompts, self._generator(0))
+        x0, embeds, pooled = out.latents, out.prompt_embeds, out.pooled_prompt_embeds
+        t1 = time.perf_counter()
+
+        # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
+        rewards = self.score(out.images, prompts)
+        bad = self._check_finite(rewards)
+        r = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)
+        t2 = time.perf_counter()
+
+        # 4. DiffusionNFT forward: x_t on the forward process, v_theta (grad) and v_old (no grad).
+        gen = self._generator(1)
+        n = x0.shape[0]
+        t = hp.t_min + (hp.t_max - hp.t_min) * torch.rand(n, generator=gen).to(
+            self.device, x0.dtype
+        )
+        eps = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
+        tt = t.view(-1, *([1] * (x0.ndim - 1)))
+        x_t = (1 - tt) * x0 + tt * eps
+        v_target = eps - x0
+        with torch.no_grad(), use_adapter(self.transformer, SAMPLING_ADAPTER):
+            v_old = self.velocity(x_t, t, embeds, pooled)
+        v_theta = self.velocity(x_t, t, embeds, pooled)
+        kw = self._loss_kwargs(t)
+
+        # 5-8. Per-reward gradients -> balance -> EMA -> one update.
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        losses = nft_loss(v_theta, v_old, v_target, r, hp.beta, **kw).mean(0)  # [K]
+        grads = direction = m = None
+        if hp.gradient_space == "parameters":
+            grads = self._all_reduce_mean(
+                parameter_grads(losses, self.lora_params, retain_graph=hp.kl_beta > 0)
+            )
+            m = gram(grads)
+            raw, weights, result = self._coefficients(m, losses)
+            direction = update_direction(grads, torch.as_tensor(weights, device=grads.device))
+            assign_flat_grad(self.lora_params, direction)
+            loss = losses.detach() @ torch.as_tensor(
+                weights, dtype=losses.dtype, device=losses.device
+            )
+        else:
+            if hp.balancer == "marble":  # Gram from 3 inner products per sample, no backward
+                stats = nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+                m = self._all_reduce_sum(output_gram(stats, r))
+            raw, weights, result = self._coefficients(m, losses)
+            r_bar = r @ torch.as_tensor(weights, dtype=r.dtype, device=r.device)
+            loss = nft_loss(v_theta, v_old, v_target, r_bar, hp.beta, **kw).mean()
+            self.manual_backward(loss)  # one backward: d = sum_k lambda_bar_k g_k (affine in r)
+        kl = None
+        if hp.kl_beta > 0:
+            with torch.no_grad(), use_adapter(self.transformer, None):
+                v_ref = self.velocity(x_t, t, embeds, pooled)
+            kl = hp.kl_beta * (v_theta - v_ref).square().mean()
+            self.manual_backward(kl)
+        if hp.gradient_clip_norm is not None:
+            self.clip_gradients(
+                opt, gradient_clip_val=hp.gradient_clip_norm, gradient_clip_algorithm="norm"
+            )
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+
+        # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
+        ema_update_adapter(self.transformer, decay=hp.old_policy_decay)
+        t3 = time.perf_counter()
+
+        self.last_step = StepRecord(rewards, r, m, raw, weights, grads, direction, result)
+        self._log_step(rewards, bad, loss, kl, raw, weights, result, (t1 - t0, t2 - t1, t3 - t2), n)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ logging
+
+    def effective_weights(self, weights: np.ndarray) -> np.ndarray:
+        """Per-reward weights of an update: ``lambda`` (marble), ``w`` (weighted_sum), one-hot (single)."""
+        hp = self.hparams
+        if hp.balancer == "marble":
+            return weights
+        if hp.balancer == "weighted_sum":
+            return self.fixed_weights.weights
+        one_hot = np.zeros(len(self.reward_names))
+        one_hot[hp.single_reward] = 1.0
+        return one_hot
+
+    def _log_step(
+        self,
+        rewards: Tensor,
+        bad: Tensor,
+        loss: Tensor,
+        kl: Tensor | None,
+        raw: np.ndarray,
+        weights: np.ndarray,
+        result: BalanceResult | None,
+        times: tuple[float, float, float],
+        n: int,
+    ) -> None:
+        log = {"loss": float(loss.detach())}
+        for k, name in enumerate(self.reward_names):
+            ok = ~bad[:, k]
+            vals = rewards[ok, k]
+            mean = float(vals.mean()) if vals.numel() else math.nan
+            self.log(f"reward/{name}/mean", mean, prog_bar=True, batch_size=n)
+            log[f"reward/{name}/std"] = float(vals.std()) if vals.numel() > 1 else 0.0
+        raw, weights = self.effective_weights(raw), self.effective_weights(weights)
+        for name, lam, lam_bar in zip(self.reward_names, raw, weights, strict=True):
+            log[f"lambda/{name}"] = float(lam)
+            log[f"lambda_ema/{name}"] = float(lam_bar)
+        if result is not None:
+            log["qp/solve_ms"] = result.solve_seconds * 1e3
+            log["qp/status"] = float(result.status in ("solved", "single"))
+            log["qp/fallbacks"] = float(self.counters["qp_fallbacks"])
+        if kl is not None:
+            log["kl"] = float(kl.detach())
+        log["rewards/nonfinite"] = float(self.counters["nonfinite_rewards"])
+        rollout_s, reward_s, update_s = times
+        log.update(
+            {
+                "time/rollout_s": rollout_s,
+                "time/reward_s": reward_s,
+                "time/update_s": update_s,
+                "throughput/images_per_s": n / max(rollout_s + reward_s + update_s, 1e-9),
+            }
+        )
+        self.log_dict(log, batch_size=n)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Score the current policy on fixed prompts and seeds: ``val/reward/<name>``."""
+        prompts = batch["prompts"]
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7 * batch_idx)
+        out = self.sample(prompts, gen, adapter=DEFAULT_ADAPTER)
+        rewards = self.score(out.images, prompts)
+        for k, name in enumerate(self.reward_names):
+            self.log(
+                f"val/reward/{name}", rewards[:, k].mean(), batch_size=len(prompts), sync_dist=True
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the LoRA weights (trained and sampling adapters) and the solver warm start."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k
+        }
+        checkpoint["marble"] = {
+            "counters": dict(self.counters),
+            "qp_warm_start": None
+            if self.solver.last_weights is None
+            else self.solver.last_weights.tolist(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("marble", {})
+        self.counters.update(state.get("counters", {}))
+        if state.get("qp_warm_start") is not None:
+            self.solver.last_weights = np.asarray(state["qp_warm_start"], dtype=np.float64)

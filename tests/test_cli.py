@@ -1,0 +1,120 @@
+"""`marble fit --config configs/tiny.yaml` end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+REQUIRED_TAGS = [
+    "loss",
+    "reward/brightness/mean",
+    "reward/saturation/mean",
+    "reward/compressibility/mean",
+    "lambda/brightness",
+    "lambda_ema/compressibility",
+    "qp/solve_ms",
+    "qp/status",
+    "time/rollout_s",
+    "time/update_s",
+]
+
+
+def marble(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "marble_pl.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (
+        f"marble {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return proc
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    (event_file,) = log_dir.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
+    common = [
+        "--config",
+        str(TINY),
+        f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+        f"--data.train_file={ROOT / 'configs/prompts/tiny_train.txt'}",
+        f"--data.val_file={ROOT / 'configs/prompts/tiny_val.txt'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+    ]
+    marble("fit", *common, "--trainer.max_steps=2", cwd=tmp_path)
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    values = scalars(run)
+    missing = [t for t in REQUIRED_TAGS if t not in values]
+    assert not missing, f"missing tags {missing}; have {sorted(values)}"
+    assert len(values["loss"]) == 2
+    assert "val/reward/brightness" in values
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+    assert any("CoefficientEMA" in k for k in state["callbacks"])
+
+    marble("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}", cwd=tmp_path)
+    resumed = tmp_path / "runs" / "tiny" / "version_1"
+    state = torch.load(
+        resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert state["global_step"] == 4
+    ema_state = next(v for k, v in state["callbacks"].items() if "CoefficientEMA" in k)
+    assert ema_state["step"] == 4  # the EMA went on from the checkpoint, not from scratch
+    assert len(scalars(resumed)["loss"]) == 2
+
+
+@pytest.mark.slow
+def test_validate_and_print_config(tmp_path, tiny_sd3_path):
+    proc = marble("fit", "--config", str(TINY), "--print_config", cwd=tmp_path)
+    assert "balancer: marble" in proc.stdout and "CoefficientEMA" in proc.stdout
+    marble(
+        "validate",
+        "--config",
+        str(TINY),
+        f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+        f"--data.train_file={ROOT / 'configs/prompts/tiny_train.txt'}",
+        f"--data.val_file={ROOT / 'configs/prompts/tiny_val.txt'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
+    values = scalars(tmp_path / "runs" / "tiny" / "version_0")
+    assert "val/reward/saturation" in values
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "marble_pl.cli", "fit", "--config", str(TINY), "--model.betaa=0.5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "betaa" in proc.stderr

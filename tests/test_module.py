@@ -1,0 +1,197 @@
+"""MarbleModule: one training step is the algorithm of ARCHITECTURE §2."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from marble_pl.callbacks import CoefficientEMA
+
+from marble_pl.data import PromptDataModule
+from marble_pl.module import MarbleModule, NonFiniteRewardError
+from marble_pl.rewards import Reward, register_reward
+
+PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts" / "tiny_train.txt"
+
+
+def make_module(path: Path, **overrides) -> MarbleModule:
+    kwargs = dict(
+        pretrained_model_name_or_path=str(path),
+        local_files_only=True,
+        rewards=["brightness", "saturation", "compressibility"],
+        lora_rank=4,
+        lora_alpha=8.0,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        resolution=32,
+        max_sequence_length=16,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        gradient_clip_norm=None,
+    )
+    kwargs.update(overrides)
+    return MarbleModule(**kwargs)
+
+
+def fit(module: MarbleModule, steps: int = 1, callbacks=None) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, PromptDataModule(str(PROMPTS), batch_size=2, group_size=3, seed=0))
+    return trainer
+
+
+def snapshot(module: MarbleModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_only_lora_changes_and_sampling_policy_follows_ema(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, old_policy_decay=0.7)
+    module.configure_model()
+    # LoRA B starts at zero: give it a value so v_theta != base and the old adapter is visible.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 0.05)
+    before = snapshot(module)
+    fit(module, steps=1)
+    after = snapshot(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in k for k in changed), sorted(changed)[:5]
+    assert any(".default." in k for k in changed)
+    for key in before:
+        if ".old." not in key:
+            continue
+        src = key.replace(".old.", ".default.")
+        expected = 0.7 * before[key] + 0.3 * after[src]
+        torch.testing.assert_close(after[key], expected)
+    frozen = [k for k in before if "lora_" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+
+
+class Recorder(Callback):
+    """Keeps the LoRA weights before each step and the module's record after it."""
+
+    def __init__(self) -> None:
+        self.before: list[list[torch.Tensor]] = []
+        self.records: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before.append([p.detach().clone() for p in pl_module.lora_params])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.records.append(copy.deepcopy(pl_module.last_step))
+
+
+def test_parameters_mode_applies_ema_weighted_sum_of_reward_gradients(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, gradient_space="parameters", old_policy_decay=1.0)
+    ema, rec_cb = CoefficientEMA(decay=0.5), Recorder()
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 0.05)
+    fit(module, steps=2, callbacks=[ema, rec_cb])
+    first, rec = rec_cb.records
+    assert rec.grads is not None and rec.grads.shape[0] == 3
+    # lambda_bar of the bias-corrected EMA after two steps, from the raw QP solutions.
+    m = 0.5 * (0.5 * first.weights_raw) + 0.5 * rec.weights_raw
+    np.testing.assert_allclose(rec.weights, m / (1 - 0.25), atol=1e-12)
+    np.testing.assert_allclose(ema.value, rec.weights)
+    assert not np.allclose(rec.weights, rec.weights_raw)
+    assert abs(rec.weights.sum() - 1) < 1e-9 and np.all(rec.weights >= 0)
+    expected = torch.as_tensor(rec.weights, dtype=rec.grads.dtype) @ rec.grads
+    before = rec_cb.before[1]
+    delta = torch.cat(
+        [(b - p.detach()).reshape(-1) for b, p in zip(before, module.lora_params, strict=True)]
+    )
+    torch.testing.assert_close(delta, 0.5 * expected, atol=1e-6, rtol=1e-5)
+    # The min-norm direction conflicts with no reward (raw lambda*, before the EMA).
+    d = torch.as_tensor(rec.weights_raw, dtype=rec.grads.dtype) @ rec.grads
+    assert torch.all(rec.grads.double() @ d.double() >= -1e-9)
+
+
+def test_output_mode_uses_raw_coefficients_without_callback(tiny_sd3_path):
+    module = make_module(tiny_sd3_path)
+    fit(module, steps=1)
+    rec = module.last_step
+    assert rec.grads is None and rec.gram is not None and rec.gram.shape == (3, 3)
+    np.testing.assert_array_equal(rec.weights, rec.weights_raw)
+    assert rec.balance is not None and rec.balance.status == "solved"
+
+
+@pytest.mark.parametrize("balancer", ["weighted_sum", "single"])
+@pytest.mark.parametrize("space", ["output", "parameters"])
+def test_baselines_run_through_the_same_module(tiny_sd3_path, balancer, space):
+    module = make_module(
+        tiny_sd3_path,
+        balancer=balancer,
+        gradient_space=space,
+        reward_weights=[1.0, 2.0, 1.0],
+        single_reward=1,
+    )
+    fit(module, steps=1)
+    rec = module.last_step
+    assert rec.r.shape[1] == 1 and rec.balance is None
+    weights = module.effective_weights(rec.weights)
+    expected = [0.25, 0.5, 0.25] if balancer == "weighted_sum" else [0.0, 1.0, 0.0]
+    np.testing.assert_allclose(weights, expected)
+
+
+@register_reward("test_nan_on_first")
+class NanOnFirst(Reward):
+    """Brightness, but NaN for the first image of the batch (a broken reward model)."""
+
+    def forward(self, images, prompts):
+        out = images.mean(dim=(1, 2, 3)).float()
+        out[0] = float("nan")
+        return out
+
+
+def test_nonfinite_reward_is_an_error_naming_the_reward(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, rewards=["brightness", "test_nan_on_first"])
+    with pytest.raises(NonFiniteRewardError, match="test_nan_on_first.*nonfinite_rewards: drop"):
+        fit(module, steps=1)
+
+
+def test_nonfinite_reward_dropped_and_counted(tiny_sd3_path):
+    module = make_module(
+        tiny_sd3_path, rewards=["brightness", "test_nan_on_first"], nonfinite_rewards="drop"
+    )
+    fit(module, steps=1)
+    rec = module.last_step
+    assert module.counters["nonfinite_rewards"] == 1
+    assert rec.r[0, 1] == 0.5 and torch.isfinite(rec.r).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"rewards": ["brightnes"]}, "brightness"),
+        ({"reward_weights": [1.0, 2.0]}, "one weight per reward"),
+        ({"beta": 0.0}, "beta"),
+        ({"a_max": -1.0}, "a_max"),
+        ({"balancer": "sum"}, "balancer"),
+        ({"t_min": 0.5, "t_max": 0.2}, "t_min"),
+    ],
+)
+def test_bad_configuration_is_rejected_early(tiny_sd3_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(tiny_sd3_path, **overrides)
+
+
+def test_resolution_must_fit_the_model(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, resolution=30)
+    with pytest.raises(ValueError, match="multiple of"):
+        module.configure_model()
