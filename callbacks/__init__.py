@@ -1,5 +1,12 @@
-"""Lightning callbacks of marble-pl, installed as ``marble_pl.callbacks``."""
+"""Lightning callbacks of marble-pl, installed as ``marble_pl.callbacks``.
+
+Each is configured from YAML by its ``class_path`` (``marble_pl.callbacks.<Name>``); the class
+docstrings list the arguments.
+"""
 
 from marble_pl.callbacks.coefficient_ema import CoefficientEMA
+from marble_pl.callbacks.gradient_cosine import GradientCosineMonitor
+from marble_pl.callbacks.reward_histograms import RewardHistograms
+from marble_pl.callbacks.sample_grid import SampleGrid
 
-__all__ = ["CoefficientEMA"]
+__all__ = ["CoefficientEMA", "GradientCosineMonitor", "RewardHistograms", "SampleGrid"]

@@ -7,13 +7,13 @@ model output ``z = v_theta`` in closed form (:mod:`marble_pl.nft`), no backward 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from marble_pl.nft import nft_output_grad
+from marble_pl.nft import nft_output_grad, output_gram
 
 GradientSpace = Literal["parameters", "output"]
 
@@ -23,6 +23,7 @@ __all__ = [
     "output_grads",
     "update_direction",
     "cosines",
+    "output_cosines",
     "flat_grad",
     "assign_flat_grad",
 ]
@@ -109,3 +110,28 @@ def assign_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
     if offset != flat.numel():
         raise ValueError(f"flat gradient has {flat.numel()} entries, parameters need {offset}")
+
+
+def output_cosines(
+    stats: Tensor,
+    r: Tensor,
+    directions: Tensor,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``[K, J]`` cosines between per-reward output-space gradients and J update directions.
+
+    Every vector here is an output-space NFT gradient ``dl(r)/dz`` for some ``r``: the K rewards'
+    columns of ``r [N, K]`` and the directions' columns of ``directions [N, J]``. Their inner
+    products come from the per-sample ``stats`` (:func:`~marble_pl.nft.nft_output_stats`), so no
+    gradient is materialised; ``reduce`` sums the partial Grams over data-parallel ranks.
+    """
+    reduce = reduce or (lambda x: x)
+    if directions.ndim == 1:
+        directions = directions.unsqueeze(1)
+    cross = reduce(output_gram(stats, r, directions))
+    norms_k = reduce(torch.diagonal(output_gram(stats, r)).contiguous()).clamp_min(0).sqrt()
+    norms_d = (
+        reduce(torch.diagonal(output_gram(stats, directions)).contiguous()).clamp_min(0).sqrt()
+    )
+    denom = norms_k.unsqueeze(1) * norms_d.unsqueeze(0)
+    return torch.where(denom > 0, cross / denom.clamp_min(1e-300), torch.zeros_like(cross))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from marble_pl.advantages import StdMode, group_advantages, optimality
 from marble_pl.balance import (
@@ -52,7 +53,12 @@ BalancerName = Literal["marble", "weighted_sum", "single"]
 LossForm = Literal["reference", "plain"]
 NonFinitePolicy = Literal["error", "drop"]
 
-__all__ = ["MarbleModule", "StepRecord", "NonFiniteRewardError"]
+__all__ = ["MarbleModule", "StepRecord", "GradientContext", "NonFiniteRewardError"]
+
+
+def _metric_key(name: str) -> str:
+    """A ModuleDict key for a reward name (which may contain '.')."""
+    return name.replace(".", "_")
 
 
 class NonFiniteRewardError(FloatingPointError):
@@ -63,19 +69,54 @@ class NonFiniteRewardError(FloatingPointError):
 class StepRecord:
     """What one training step computed, kept for callbacks (cosine monitor, tests).
 
-    ``grads`` are the per-reward gradients (``[K, P]`` in ``parameters`` space, ``None`` in
+    ``r`` is per reward ``[N, K]``; ``r_train`` what the balancer trains on (``r``, or the
+    baselines' one column). ``grads`` are the per-reward gradients (``[K, P]`` in ``parameters`` space, ``None`` in
     ``output`` space where ``gram`` is the output-space Gram); ``weights_raw`` is ``lambda*``,
     ``weights`` the coefficients applied (after the EMA); ``direction`` the applied gradient.
     """
 
     rewards: Tensor
     r: Tensor
+    r_train: Tensor
     gram: Tensor | None
     weights_raw: np.ndarray
     weights: np.ndarray
     grads: Tensor | None
     direction: Tensor | None
     balance: BalanceResult | None
+
+
+@dataclass
+class GradientContext:
+    """What a gradient monitor sees of a step, before the update is applied.
+
+    ``r`` is ``[N, K]`` (one estimator per reward, whatever the balancer), ``r_applied`` the
+    ``[N]`` optimality probabilities of the update about to be applied. In ``output`` space
+    ``stats`` are :func:`~marble_pl.nft.nft_output_stats` (output-space Grams of any ``r``); in
+    ``parameters`` space ``grads`` / ``direction`` are the per-reward gradients and the update.
+    :meth:`param_grads` costs one backward per column, on the step's retained graph.
+    """
+
+    module: MarbleModule
+    rewards: Tensor
+    group_ids: Tensor
+    bad: Tensor
+    r: Tensor
+    r_applied: Tensor
+    stats: Tensor | None
+    grads: Tensor | None
+    direction: Tensor | None
+    loss_fn: Callable[[Tensor], Tensor]
+
+    def param_grads(self, r_cols: Tensor) -> Tensor:
+        """Exact parameter-space gradients ``[J, P]`` of the mean NFT loss for ``r_cols [N, J]``."""
+        losses = self.loss_fn(r_cols).mean(0)
+        grads = parameter_grads(losses, self.module.lora_params, retain_graph=True)
+        return self.module._all_reduce_mean(grads)
+
+    def reduce_sum(self, x: Tensor) -> Tensor:
+        """Sum over data-parallel ranks (output-space Grams add up over samples)."""
+        return self.module._all_reduce_sum(x)
 
 
 class MarbleModule(LightningModule):
@@ -207,6 +248,9 @@ class MarbleModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.solver = MinNormSolver()
+        self.val_rewards = torch.nn.ModuleDict(
+            {_metric_key(name): MeanMetric() for name in self.reward_names}
+        )
         self.counters = {"qp_fallbacks": 0, "nonfinite_rewards": 0}
         self.last_step: StepRecord | None = None
         self._negative: tuple[Tensor, Tensor] | None = None
@@ -350,18 +394,22 @@ class MarbleModule(LightningModule):
         self.counters["nonfinite_rewards"] += int(bad.sum())
         return bad
 
-    def optimality_probabilities(self, rewards: Tensor, group_ids: Tensor, bad: Tensor) -> Tensor:
-        """``r``: ``[N, K]`` per reward (marble), or ``[N, 1]`` (weighted_sum / single)."""
+    def optimality_probabilities(
+        self, rewards: Tensor, group_ids: Tensor, bad: Tensor, combine: np.ndarray | None = None
+    ) -> Tensor:
+        """``r``: ``[N, K]``, one estimator per reward; or ``[N, 1]`` on ``R @ combine``.
+
+        ``combine`` is the weighted sum's ``w`` (a one-hot for ``single``). Dropped (non-finite)
+        scores get their group's mean before the advantages and ``r = 0.5`` after.
+        """
         hp = self.hparams
         clean = torch.where(bad, torch.zeros_like(rewards), rewards)
-        if hp.balancer == "weighted_sum":
-            w = torch.as_tensor(self.fixed_weights.weights, dtype=clean.dtype, device=clean.device)
-            clean, bad = (clean @ w).unsqueeze(1), bad.any(1, keepdim=True)
-        elif hp.balancer == "single":
-            i = hp.single_reward
-            clean, bad = clean[:, i : i + 1], bad[:, i : i + 1]
-        # A dropped sample must not move its group's statistics: give it the group mean.
-        if bad.any():
+        if combine is not None:
+            w = torch.as_tensor(combine, dtype=clean.dtype, device=clean.device)
+            mask = bad[:, w > 0].any(1, keepdim=True)
+            clean = self._fill_group_mean(clean, bad, group_ids) if bad.any() else clean
+            clean, bad = (clean @ w).unsqueeze(1), mask
+        elif bad.any():
             clean = self._fill_group_mean(clean, bad, group_ids)
         adv = group_advantages(clean, group_ids, eps=hp.advantage_eps, std=hp.advantage_std)
         r = optimality(adv, hp.a_max)
@@ -419,6 +467,12 @@ class MarbleModule(LightningModule):
                     return cb.update(weights)
         return weights
 
+    def _gradient_monitors(self) -> list[Any]:
+        """Callbacks that want to see each step's gradients (``on_marble_gradients``)."""
+        if self._trainer is None:
+            return []
+        return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_marble_gradients")]
+
     def _all_reduce_sum(self, x: Tensor) -> Tensor:
         """Sum over data-parallel ranks (identity on one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -446,7 +500,13 @@ class MarbleModule(LightningModule):
         # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
         rewards = self.score(out.images, prompts)
         bad = self._check_finite(rewards)
-        r = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)
+        r_each = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)  # [N, K]
+        if hp.balancer == "marble":
+            r = r_each
+        else:  # the baselines train on one column, r of R @ w (w one-hot for `single`)
+            r = self.optimality_probabilities(
+                rewards, group_ids, bad, self.effective_weights(np.ones(1))
+            ).to(x0.dtype)
         t2 = time.perf_counter()
 
         # 4. DiffusionNFT forward: x_t on the forward process, v_theta (grad) and v_old (no grad).
@@ -463,31 +523,52 @@ class MarbleModule(LightningModule):
             v_old = self.velocity(x_t, t, embeds, pooled)
         v_theta = self.velocity(x_t, t, embeds, pooled)
         kw = self._loss_kwargs(t)
+        monitors = self._gradient_monitors()
 
-        # 5-8. Per-reward gradients -> balance -> EMA -> one update.
+        # 5-7. Per-reward gradients -> balance (OSQP) -> coefficient EMA.
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         losses = nft_loss(v_theta, v_old, v_target, r, hp.beta, **kw).mean(0)  # [K]
-        grads = direction = m = None
+        grads = direction = m = stats = None
+        keep_graph = hp.kl_beta > 0 or bool(monitors)
         if hp.gradient_space == "parameters":
             grads = self._all_reduce_mean(
-                parameter_grads(losses, self.lora_params, retain_graph=hp.kl_beta > 0)
+                parameter_grads(losses, self.lora_params, retain_graph=keep_graph)
             )
             m = gram(grads)
-            raw, weights, result = self._coefficients(m, losses)
-            direction = update_direction(grads, torch.as_tensor(weights, device=grads.device))
-            assign_flat_grad(self.lora_params, direction)
-            loss = losses.detach() @ torch.as_tensor(
-                weights, dtype=losses.dtype, device=losses.device
-            )
-        else:
-            if hp.balancer == "marble":  # Gram from 3 inner products per sample, no backward
-                stats = nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+        elif hp.balancer == "marble" or monitors:  # 3 inner products per sample, no backward
+            stats = nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+            if hp.balancer == "marble":
                 m = self._all_reduce_sum(output_gram(stats, r))
-            raw, weights, result = self._coefficients(m, losses)
-            r_bar = r @ torch.as_tensor(weights, dtype=r.dtype, device=r.device)
+        raw, weights, result = self._coefficients(m, losses)
+        lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
+        r_bar = r @ lam  # the update's r: sum_k lambda_bar_k r_k (affine loss)
+        if grads is not None:
+            direction = update_direction(grads, lam.to(grads.dtype))
+
+        if monitors:
+            ctx = GradientContext(
+                module=self,
+                rewards=rewards,
+                group_ids=group_ids,
+                bad=bad,
+                r=r_each,
+                r_applied=r_bar,
+                stats=stats,
+                grads=grads,
+                direction=direction,
+                loss_fn=lambda cols: nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw),
+            )
+            for cb in monitors:
+                cb.on_marble_gradients(self.trainer, self, ctx)
+
+        # 8. One update along d = sum_k lambda_bar_k g_k.
+        if direction is not None:
+            assign_flat_grad(self.lora_params, direction)
+            loss = losses.detach() @ lam.to(losses.dtype)
+        else:
             loss = nft_loss(v_theta, v_old, v_target, r_bar, hp.beta, **kw).mean()
-            self.manual_backward(loss)  # one backward: d = sum_k lambda_bar_k g_k (affine in r)
+            self.manual_backward(loss)  # ONE backward gives sum_k lambda_bar_k g_k (affine in r)
         kl = None
         if hp.kl_beta > 0:
             with torch.no_grad(), use_adapter(self.transformer, None):
@@ -507,7 +588,7 @@ class MarbleModule(LightningModule):
         ema_update_adapter(self.transformer, decay=hp.old_policy_decay)
         t3 = time.perf_counter()
 
-        self.last_step = StepRecord(rewards, r, m, raw, weights, grads, direction, result)
+        self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
         self._log_step(rewards, bad, loss, kl, raw, weights, result, (t1 - t0, t2 - t1, t3 - t2), n)
         return loss.detach()
 
@@ -568,15 +649,20 @@ class MarbleModule(LightningModule):
     # ------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Score the current policy on fixed prompts and seeds: ``val/reward/<name>``."""
+        """Score the trained policy on fixed prompts and seeds: ``val/reward/<name>``.
+
+        Means are torchmetrics ``MeanMetric`` states, so they are exact over all batches and
+        all data-parallel ranks, whatever the batch sizes.
+        """
         prompts = batch["prompts"]
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7 * batch_idx)
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7919 * batch_idx)
         out = self.sample(prompts, gen, adapter=DEFAULT_ADAPTER)
         rewards = self.score(out.images, prompts)
         for k, name in enumerate(self.reward_names):
-            self.log(
-                f"val/reward/{name}", rewards[:, k].mean(), batch_size=len(prompts), sync_dist=True
-            )
+            metric = self.val_rewards[_metric_key(name)]
+            values = rewards[:, k]
+            metric.update(values[values.isfinite()])
+            self.log(f"val/reward/{name}", metric, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,13 @@ REQUIRED_TAGS = [
     "qp/status",
     "time/rollout_s",
     "time/update_s",
+    "cos/brightness",
+    "cos/min",
+    "cos_ws/saturation",
+    "cos_ws/min",
+    "cos/frac_min_negative",
+    "cos_ws/frac_min_negative",
+    "cos_exact/compressibility",
 ]
 
 
@@ -44,10 +52,15 @@ def marble(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def scalars(log_dir: Path) -> dict[str, list[float]]:
+def events(log_dir: Path) -> EventAccumulator:
     (event_file,) = log_dir.glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(event_file))
+    acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
+    return acc
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    acc = events(log_dir)
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
@@ -63,13 +76,20 @@ def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
         "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1",
     ]
-    marble("fit", *common, "--trainer.max_steps=2", cwd=tmp_path)
+    marble("fit", *common, "--trainer.max_steps=2", cwd=ROOT)
     run = tmp_path / "runs" / "tiny" / "version_0"
     values = scalars(run)
     missing = [t for t in REQUIRED_TAGS if t not in values]
     assert not missing, f"missing tags {missing}; have {sorted(values)}"
     assert len(values["loss"]) == 2
     assert "val/reward/brightness" in values
+    tags = events(run).Tags()
+    assert "samples/validation" in tags["images"]
+    assert {"reward_hist/brightness", "reward_hist/compressibility"} <= set(tags["histograms"])
+    # 4 validation prompts x 2 seeds of 32 px, padding 2: (4 * 34 + 2) x (2 * 34 + 2).
+    png = run / "samples" / "validation_step000002.png"
+    with Image.open(png) as image:
+        assert image.size == (70, 138)
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -77,7 +97,8 @@ def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
     assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
     assert any("CoefficientEMA" in k for k in state["callbacks"])
 
-    marble("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}", cwd=tmp_path)
+    frac = values["cos/frac_min_negative"][-1]
+    marble("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}", cwd=ROOT)
     resumed = tmp_path / "runs" / "tiny" / "version_1"
     state = torch.load(
         resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
@@ -85,7 +106,12 @@ def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
     assert state["global_step"] == 4
     ema_state = next(v for k, v in state["callbacks"].items() if "CoefficientEMA" in k)
     assert ema_state["step"] == 4  # the EMA went on from the checkpoint, not from scratch
-    assert len(scalars(resumed)["loss"]) == 2
+    resumed_values = scalars(resumed)
+    assert len(resumed_values["loss"]) == 2
+    cos_state = next(v for k, v in state["callbacks"].items() if "GradientCosineMonitor" in k)
+    assert cos_state["steps"] == 4  # running fractions continue across the resume
+    assert resumed_values["cos/frac_min_negative"][-1] == pytest.approx(cos_state["negative"] / 4)
+    assert frac in (0.0, 0.5, 1.0)
 
 
 @pytest.mark.slow
@@ -100,7 +126,7 @@ def test_validate_and_print_config(tmp_path, tiny_sd3_path):
         f"--data.train_file={ROOT / 'configs/prompts/tiny_train.txt'}",
         f"--data.val_file={ROOT / 'configs/prompts/tiny_val.txt'}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        cwd=tmp_path,
+        cwd=ROOT,
     )
     values = scalars(tmp_path / "runs" / "tiny" / "version_0")
     assert "val/reward/saturation" in values

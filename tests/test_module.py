@@ -143,7 +143,7 @@ def test_baselines_run_through_the_same_module(tiny_sd3_path, balancer, space):
     )
     fit(module, steps=1)
     rec = module.last_step
-    assert rec.r.shape[1] == 1 and rec.balance is None
+    assert rec.r_train.shape[1] == 1 and rec.r.shape[1] == 3 and rec.balance is None
     weights = module.effective_weights(rec.weights)
     expected = [0.25, 0.5, 0.25] if balancer == "weighted_sum" else [0.0, 1.0, 0.0]
     np.testing.assert_allclose(weights, expected)

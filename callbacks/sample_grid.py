@@ -1,0 +1,111 @@
+"""Fixed prompts and seeds sampled from the current policy, logged as image grids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from marble_pl.data import read_prompts
+from marble_pl.grid import image_grid, save_png
+from marble_pl.models import DEFAULT_ADAPTER
+
+__all__ = ["SampleGrid"]
+
+
+class SampleGrid(Callback):
+    r"""Every ``every_n_steps`` steps and at the end of training, sample a fixed grid and log it.
+
+    Rows are the prompts, columns ``images_per_prompt`` fixed seeds, sampled from the trained
+    policy (``v_theta``) with the module's rollout settings. The grid goes to TensorBoard
+    (``samples/<name>``) with a text summary of every image's K reward scores
+    (``samples/<name>/scores``), and to ``<log_dir>/samples/<name>_step<step>.png``. The same
+    step of the same run gives byte-identical PNGs.
+
+    Args:
+        prompts: the prompts, or ``prompt_file`` (``.txt`` / ``.jsonl``); at most ``max_prompts``.
+        every_n_steps: period in training steps (0: only at the end of training).
+        images_per_prompt: seeds per prompt (columns).
+        seed: the base seed of the fixed noise.
+        name: the prompt set's name in tags and file names.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: marble_pl.callbacks.SampleGrid
+              init_args: {prompt_file: configs/prompts/tiny_val.txt, every_n_steps: 10}
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_file: str | None = None,
+        every_n_steps: int = 100,
+        images_per_prompt: int = 2,
+        seed: int = 1234,
+        name: str = "validation",
+        max_prompts: int = 8,
+    ) -> None:
+        if (prompts is None) == (prompt_file is None):
+            raise ValueError("give exactly one of `prompts` or `prompt_file` to SampleGrid")
+        if prompts is not None and not list(prompts):
+            raise ValueError("SampleGrid got an empty prompt list")
+        if every_n_steps < 0 or images_per_prompt < 1 or max_prompts < 1:
+            raise ValueError(
+                "SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1, max_prompts >= 1; "
+                f"got {every_n_steps}, {images_per_prompt}, {max_prompts}"
+            )
+        self.prompts = list(prompts) if prompts is not None else read_prompts(prompt_file)
+        self.prompts = self.prompts[:max_prompts]
+        self.every_n_steps = every_n_steps
+        self.images_per_prompt = images_per_prompt
+        self.seed = seed
+        self.name = name
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.render(trainer, pl_module)
+
+    @torch.no_grad()
+    def render(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
+        """Sample, score and log the grid for the current step (rank 0 writes)."""
+        step = trainer.global_step
+        self._last_step = step
+        prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        out = pl_module.sample(prompts, generator, adapter=DEFAULT_ADAPTER)
+        scores = pl_module.score(out.images, prompts)
+        if not trainer.is_global_zero:
+            return None
+        grid = image_grid(out.images, ncol=self.images_per_prompt)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.last_path = save_png(grid, log_dir / "samples" / f"{self.name}_step{step:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"samples/{self.name}", grid, step)
+                logger.experiment.add_text(
+                    f"samples/{self.name}/scores", self._caption(prompts, scores, pl_module), step
+                )
+        return self.last_path
+
+    def _caption(self, prompts: list[str], scores: torch.Tensor, pl_module: LightningModule) -> str:
+        names = pl_module.reward_names
+        rows = ["| prompt | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for i, prompt in enumerate(prompts):
+            vals = " | ".join(f"{v:.4g}" for v in scores[i].tolist())
+            rows.append(f"| {prompt} | {i % self.images_per_prompt} | {vals} |")
+        return "\n".join(rows)

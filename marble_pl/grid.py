@@ -1,0 +1,41 @@
+"""Image grids of samples (rows: prompts, columns: seeds), as tensors and PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["image_grid", "save_png"]
+
+
+def image_grid(images: Tensor, ncol: int, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Tile ``[N, 3, H, W]`` images in [0, 1] into one ``[3, H', W']`` image, ``ncol`` per row."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+    if ncol < 1:
+        raise ValueError(f"ncol must be >= 1, got {ncol}")
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    grid = torch.full(
+        (c, nrow * (h + padding) + padding, ncol * (w + padding) + padding),
+        pad_value,
+        dtype=torch.float32,
+    )
+    for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        row, col = divmod(i, ncol)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = img
+    return grid
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    """Write a ``[3, H, W]`` image in [0, 1] as an 8-bit PNG (deterministic bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    return path
