@@ -350,12 +350,29 @@ class MarbleModule(LightningModule):
         )
         return torch.Generator(device="cpu").manual_seed(seed % (2**63))
 
+    def _per_sample(self, n: int, stream: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        """Stack ``draw(g_i)`` over this rank's samples, ``g_i`` seeded by the GLOBAL sample index.
+
+        So a sample's noise, timestep and rollout do not depend on how the global batch is split
+        over data-parallel ranks, nor on what ran before (exact resume).
+        """
+        start = self.global_rank * n
+        base = (self.hparams.seed * 1_000_003 + self.global_step * 7919 + stream * 104_729) % (
+            2**31
+        )
+        out = []
+        for i in range(start, start + n):
+            gen = torch.Generator(device="cpu").manual_seed(base * 2**31 + i)
+            out.append(draw(gen))
+        return torch.stack(out).to(self.device)
+
     @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
         generator: torch.Generator,
         adapter: str | None = SAMPLING_ADAPTER,
+        noise: Tensor | None = None,
     ):
         """Roll out one image per prompt with the given adapter (``v_old`` by default)."""
         embeds, pooled = self.encode(prompts)
@@ -371,6 +388,7 @@ class MarbleModule(LightningModule):
                 negative_prompt_embeds=neg,
                 negative_pooled_prompt_embeds=neg_pooled,
                 generator=generator,
+                noise=noise,
             )
 
     @torch.no_grad()
@@ -453,7 +471,7 @@ class MarbleModule(LightningModule):
         result = self.solver(rescale_gram(m, scales))
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
-        raw = to_raw_weights(result.weights, scales)
+        raw = self._broadcast(to_raw_weights(result.weights, scales))
         return raw, self._smooth(raw), result
 
     def _smooth(self, weights: np.ndarray) -> np.ndarray:
@@ -479,6 +497,12 @@ class MarbleModule(LightningModule):
             return x
         return self.trainer.strategy.reduce(x, reduce_op="sum")
 
+    def _broadcast(self, weights: np.ndarray) -> np.ndarray:
+        """Rank 0's coefficients on every rank, so all ranks apply the very same update."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return weights
+        return np.asarray(self.trainer.strategy.broadcast(weights, src=0))
+
     def _all_reduce_mean(self, x: Tensor) -> Tensor:
         """Mean over data-parallel ranks, as DDP averages gradients (identity on one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -492,8 +516,11 @@ class MarbleModule(LightningModule):
         prompts, group_ids = batch["prompts"], batch["group_ids"].to(self.device)
         t0 = time.perf_counter()
 
-        # 1. Rollout with the sampling policy v_old (no grad).
-        out = self.sample(prompts, self._generator(0))
+        # 1. Rollout with the sampling policy v_old (no grad), per-sample seeded noise.
+        n = len(prompts)
+        shape = self.rollout_config.latent_shape(self.transformer, self.vae_scale_factor)
+        noise = self._per_sample(n, 0, lambda g: torch.randn(shape, generator=g))
+        out = self.sample(prompts, self._generator(0), noise=noise)
         x0, embeds, pooled = out.latents, out.prompt_embeds, out.pooled_prompt_embeds
         t1 = time.perf_counter()
 
@@ -510,12 +537,10 @@ class MarbleModule(LightningModule):
         t2 = time.perf_counter()
 
         # 4. DiffusionNFT forward: x_t on the forward process, v_theta (grad) and v_old (no grad).
-        gen = self._generator(1)
-        n = x0.shape[0]
-        t = hp.t_min + (hp.t_max - hp.t_min) * torch.rand(n, generator=gen).to(
-            self.device, x0.dtype
-        )
-        eps = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
+        span = hp.t_max - hp.t_min
+        t = hp.t_min + span * self._per_sample(n, 1, lambda g: torch.rand((), generator=g))
+        t = t.to(x0.dtype)
+        eps = self._per_sample(n, 2, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0.dtype)
         tt = t.view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - tt) * x0 + tt * eps
         v_target = eps - x0

@@ -172,12 +172,15 @@ def sample_latents(
     negative_pooled_prompt_embeds: Tensor | None = None,
     generator: torch.Generator | None = None,
     latent_shape: tuple[int, int, int] | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Sample clean latents ``x0 [N, C, h, w]`` (float32) from pure noise with the scheduler.
 
     CFG (``guidance_scale > 1``) batches the negative and positive passes in one forward and needs
     negative embeddings (batch 1 or N). ``latent_shape`` defaults to SD3's VAE factor 8 applied to
     ``config.height``/``width``. The caller's scheduler is not mutated (a deep copy steps).
+    ``noise`` (``[N, *latent_shape]``) replaces the initial Gaussian draw, so callers can make
+    each sample's noise depend on its own seed (results independent of batching / world size).
     """
     n = prompt_embeds.shape[0]
     if pooled_prompt_embeds.shape[0] != n:
@@ -215,9 +218,16 @@ def sample_latents(
     )
     sigmas = sched.sigmas.to(device=device, dtype=torch.float32)
 
-    latents = randn_tensor(
-        (n, *latent_shape), generator=generator, device=device, dtype=torch.float32
-    )
+    if noise is not None:
+        if tuple(noise.shape) != (n, *latent_shape):
+            raise ValueError(
+                f"noise must have shape {(n, *latent_shape)}, got {tuple(noise.shape)}"
+            )
+        latents = noise.to(device=device, dtype=torch.float32)
+    else:
+        latents = randn_tensor(
+            (n, *latent_shape), generator=generator, device=device, dtype=torch.float32
+        )
     for i, t in enumerate(sched.timesteps):
         model_in = torch.cat([latents, latents]) if config.do_cfg else latents
         v = transformer(
@@ -263,6 +273,7 @@ def rollout(
     negative_prompt_embeds: Tensor | None = None,
     negative_pooled_prompt_embeds: Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> RolloutOutput:
     """Sample latents at ``config.height x config.width`` and decode them (no grad)."""
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -276,6 +287,7 @@ def rollout(
         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         generator=generator,
         latent_shape=config.latent_shape(transformer, vae_scale_factor),
+        noise=noise,
     )
     images = decode_latents(vae, latents)
     return RolloutOutput(

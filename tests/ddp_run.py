@@ -1,0 +1,99 @@
+"""Run a few tiny MARBLE steps (used by test_distributed.py, once with DDP and once without).
+
+Saves, from every rank, the applied coefficients of each step and the final LoRA weights.
+Lightning's DDP launcher re-executes this script for the other ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from marble_pl.data import PromptDataModule  # noqa: E402
+from marble_pl.module import MarbleModule  # noqa: E402
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.raw: list[list[float]] = []
+        self.applied: list[list[float]] = []
+        self.prompts: list[list[str]] = []
+        self.grams: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.raw.append(pl_module.last_step.weights_raw.tolist())
+        self.applied.append(pl_module.last_step.weights.tolist())
+        self.prompts.append(list(batch["prompts"]))
+        self.grams.append(pl_module.last_step.gram.clone())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, required=True)
+    parser.add_argument("--space", default="output")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    seed_everything(0)
+    module = MarbleModule(
+        pretrained_model_name_or_path=args.model,
+        local_files_only=True,
+        rewards=[
+            "brightness",
+            "saturation",
+            "contrast",
+        ],  # smooth: JPEG size jumps on 1-ulp changes
+        gradient_space=args.space,
+        lora_rank=4,
+        lora_alpha=8.0,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        resolution=32,
+        max_sequence_length=16,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        gradient_clip_norm=None,
+    )
+    module.configure_model()
+    with torch.no_grad():  # a non-trivial adapter, identical on every rank (seeded)
+        gen = torch.Generator().manual_seed(1)
+        for name, p in module.named_parameters():
+            if "lora_B.default" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    record = Record()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    data = PromptDataModule(args.prompts, batch_size=args.batch_size, group_size=3, shuffle=False)
+    trainer.fit(module, data)
+    lora = {k: v.detach().clone() for k, v in module.named_parameters() if "lora_" in k}
+    torch.save(
+        {
+            "raw": record.raw,
+            "applied": record.applied,
+            "prompts": record.prompts,
+            "grams": record.grams,
+            "lora": lora,
+        },
+        Path(args.out) / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
