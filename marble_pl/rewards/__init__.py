@@ -1,7 +1,13 @@
 """Rewards: the Reward protocol, a registry of named rewards, and cheap built-in rewards."""
 
 from marble_pl.rewards import builtin as _builtin  # noqa: F401  (registers the built-ins)
+from marble_pl.rewards.aesthetic import Aesthetic
 from marble_pl.rewards.base import Reward
+from marble_pl.rewards.clip_score import CLIPScore
+from marble_pl.rewards.hpsv2 import HPSv2
+from marble_pl.rewards.imagereward import ImageReward
+from marble_pl.rewards.pickscore import PickScore
+from marble_pl.rewards.pretrained import PretrainedReward, RewardLoadError
 from marble_pl.rewards.registry import (
     available_rewards,
     build_reward,
@@ -9,4 +15,17 @@ from marble_pl.rewards.registry import (
     register_reward,
 )
 
-__all__ = ["Reward", "available_rewards", "build_reward", "build_rewards", "register_reward"]
+__all__ = [
+    "Aesthetic",
+    "CLIPScore",
+    "HPSv2",
+    "ImageReward",
+    "PickScore",
+    "PretrainedReward",
+    "Reward",
+    "RewardLoadError",
+    "available_rewards",
+    "build_reward",
+    "build_rewards",
+    "register_reward",
+]
