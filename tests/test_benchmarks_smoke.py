@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark scripts: they run, write their files, and report finite numbers.
+
+No timing or outcome assertions: the benchmarks measure, the tests only check they work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` by path (``benchmarks`` is not an installed package)."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Cells of every markdown table row (header and separator lines included)."""
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell)]
+
+
+def test_qp_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    qp = _load("qp")
+    out = tmp_path / "qp.md"
+    rows = qp.main(["--smoke", "--out", str(out)])
+    assert out.exists()
+    assert "| K |" in capsys.readouterr().out
+    table = _table_rows(out.read_text())
+    header, body = table[0], table[2:]
+    assert len(header) == len(qp.COLUMNS) == 11
+    assert [int(r[0]) for r in body] == [2, 5]
+    for r in body:
+        assert len(r) == len(header)
+        values = [float(c) for c in r]
+        assert all(math.isfinite(v) for v in values)
+        assert all(v >= 0 for v in values[2:8])  # times
+    for row in rows:
+        assert row.max_rel_gap < 1e-3  # OSQP agrees with SLSQP / Frank-Wolfe
+        assert row.fallbacks >= 0
+
+
+def test_qp_help(capsys: pytest.CaptureFixture[str]) -> None:
+    qp = _load("qp")
+    with pytest.raises(SystemExit) as exc:
+        qp.main(["--help"])
+    assert exc.value.code == 0
+    assert "--repeats" in capsys.readouterr().out
+
+
+def test_toy_study_smoke(tmp_path: Path) -> None:
+    toy = _load("toy_study")
+    summary = toy.main(["--smoke", "--out", str(tmp_path)])
+    for name in ("curves.png", "results.md", "results.json"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+    tables = (tmp_path / "results.md").read_text().split("\n\n")
+    main_table = _table_rows(next(t for t in tables if t.startswith("| method")))
+    header, body = main_table[0], main_table[2:]
+    k = 3
+    assert len(header) == 5 + k
+    assert [r[0] for r in body] == list(toy.METHODS)
+    for r in body:
+        assert len(r) == len(header)
+        numbers = [x for cell in r[1:] for x in _numbers(cell)]
+        assert len(numbers) >= 2 * (3 + k) and all(math.isfinite(x) for x in numbers)
+
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert set(payload["summary"]["methods"]) == set(toy.METHODS)
+    assert payload["config"]["steps"] == len(payload["runs"][0]["marble"]["reward_mean"])
+    for method in toy.METHODS:
+        agg = summary["methods"][method]
+        assert 0.0 <= agg["frac_neg_worst_cos"]["mean"] <= 1.0
+        assert len(agg["delta"]["mean"]) == k
+        assert all(math.isfinite(x) for x in agg["delta"]["mean"])
