@@ -56,6 +56,9 @@ NonFinitePolicy = Literal["error", "drop"]
 __all__ = ["MarbleModule", "StepRecord", "GradientContext", "NonFiniteRewardError"]
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _metric_key(name: str) -> str:
     """A ModuleDict key for a reward name (which may contain '.')."""
     return name.replace(".", "_")
@@ -155,6 +158,9 @@ class MarbleModule(LightningModule):
         nonfinite_rewards: ``error`` stops with a message naming the reward; ``drop`` gives those
             samples ``r = 0.5`` (no push) for that reward and counts them in a metric.
         max_sequence_length: T5 tokens (SD3 default 256).
+        weights_dtype: dtype of the frozen SD3 weights (``bfloat16`` halves their memory on a
+            GPU); the LoRA parameters are always kept in float32 for the optimizer.
+        gradient_checkpointing: recompute the transformer's activations in the backward pass.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -164,6 +170,8 @@ class MarbleModule(LightningModule):
         local_files_only: bool = False,
         build_tiny_if_missing: bool = False,
         load_t5: bool = True,
+        weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
         rewards: Sequence[str | dict[str, Any]] = ("brightness", "saturation", "compressibility"),
         balancer: BalancerName = "marble",
         reward_weights: Sequence[float] | None = None,
@@ -220,6 +228,10 @@ class MarbleModule(LightningModule):
             raise ValueError(f"old_policy_decay must be in [0, 1], got {old_policy_decay}")
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if weights_dtype not in _DTYPES:
+            raise ValueError(
+                f"weights_dtype must be one of {sorted(_DTYPES)}, got {weights_dtype!r}"
+            )
         if kl_beta < 0:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
 
@@ -266,7 +278,10 @@ class MarbleModule(LightningModule):
         path = hp.pretrained_model_name_or_path
         if hp.build_tiny_if_missing:
             ensure_tiny_sd3(path)
-        parts = load_sd3(path, local_files_only=hp.local_files_only, load_t5=hp.load_t5)
+        dtype = _DTYPES[hp.weights_dtype]
+        parts = load_sd3(
+            path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
+        )
         for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
@@ -283,7 +298,11 @@ class MarbleModule(LightningModule):
             alpha=hp.lora_alpha,
             target_modules=list(hp.lora_target_modules),
         )
+        for p in self.lora_params:  # trainable weights in float32 whatever the base dtype
+            p.data = p.data.float()
         add_sampling_adapter(self.transformer)
+        if hp.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         self.patch_size = int(self.transformer.config.patch_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         multiple = self.vae_scale_factor * self.patch_size
@@ -445,14 +464,15 @@ class MarbleModule(LightningModule):
         return out
 
     def velocity(self, x_t: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
-        """``v(x_t, t)`` of the transformer with whichever adapter is active."""
+        """``v(x_t, t)`` in float32 from the transformer with whichever adapter is active."""
+        dtype = self.transformer.dtype
         return self.transformer(
-            hidden_states=x_t,
+            hidden_states=x_t.to(dtype),
             timestep=t * self.scheduler.config.num_train_timesteps,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
+            encoder_hidden_states=embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
             return_dict=False,
-        )[0]
+        )[0].float()
 
     def _loss_kwargs(self, t: Tensor) -> dict[str, Any]:
         hp = self.hparams
