@@ -171,18 +171,22 @@ class MinNormSolver:
             return BalanceResult(weights, "zero_gram", time.perf_counter() - start, True)
         m = m / scale
         p = self._upper(m)
-        if self._solver is None or self._k != k:
-            self._setup(p, k)
-        else:
-            self._solver.update(Px=p.data)
-        assert self._solver is not None
-        init = warm_start if warm_start is not None else self.last_weights
-        if init is not None and len(init) == k:
-            self._solver.warm_start(x=np.asarray(init, dtype=np.float64))
-        result = self._solver.solve(raise_error=False)
-        status = str(result.info.status)
-        x = np.asarray(result.x, dtype=np.float64)
-        ok = status == "solved" and np.all(np.isfinite(x))
+        try:
+            if self._solver is None or self._k != k:
+                self._setup(p, k)
+            else:
+                self._solver.update(Px=p.data)
+            assert self._solver is not None
+            init = warm_start if warm_start is not None else self.last_weights
+            if init is not None and len(init) == k:
+                self._solver.warm_start(x=np.asarray(init, dtype=np.float64))
+            result = self._solver.solve(raise_error=False)
+            status = str(result.info.status)
+            x = np.asarray(result.x, dtype=np.float64)
+        except Exception as err:  # a broken OSQP workspace must not stop training
+            self._solver = None
+            status, x = f"error: {type(err).__name__}: {err}", np.full(k, np.nan)
+        ok = status == "solved" and bool(np.all(np.isfinite(x)))
         if ok:
             weights = project_to_simplex(x)
         else:

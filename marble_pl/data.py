@@ -146,19 +146,25 @@ class EpochSeededSampler(RandomSampler):
     under DDP (which then seeds from `seed_everything`, not from `seed`).
     """
 
-    def __init__(self, data_source: Sequence[str], seed: int = 0) -> None:
+    def __init__(self, data_source: Sequence[str], seed: int = 0, skip: int = 0) -> None:
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
+        self.skip = skip
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of `epoch` for the next iteration."""
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        return len(self.data_source) - self.skip
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        # `skip` (set when resuming mid-epoch) drops the indices already trained on, once.
+        order, self.skip = order[self.skip :], 0
         return iter(order)
 
 
@@ -227,7 +233,11 @@ class PromptDataModule(LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("PromptDataModule.train_dataloader: call setup('fit') first")
         dataset = self.train_dataset
-        sampler = EpochSeededSampler(dataset.prompts, self.seed) if self.shuffle else None
+        sampler = (
+            EpochSeededSampler(dataset.prompts, self.seed, skip=self._consumed_in_epoch())
+            if self.shuffle
+            else None
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -237,6 +247,22 @@ class PromptDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _consumed_in_epoch(self) -> int:
+        """Prompts of the current epoch already trained on, when resuming from a checkpoint.
+
+        Lightning restores the loops' progress before it asks for the dataloader, so a run
+        resumed mid-epoch continues with the next unseen prompts of the same permutation
+        instead of restarting the epoch (exact resume; single process: under DDP Lightning's
+        DistributedSampler takes over the order).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1:
+            return 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return (
+            int(progress.processed) * self.batch_size
+        )  # processed: counted before on_train_batch_end saves
 
     def val_dataloader(self) -> DataLoader[str] | list[DataLoader[str]]:
         """Each validation prompt once, in file order; `[]` (no validation) without a val_file."""

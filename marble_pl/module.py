@@ -161,6 +161,8 @@ class MarbleModule(LightningModule):
         weights_dtype: dtype of the frozen SD3 weights (``bfloat16`` halves their memory on a
             GPU); the LoRA parameters are always kept in float32 for the optimizer.
         gradient_checkpointing: recompute the transformer's activations in the backward pass.
+        max_nonfinite_steps: stop with an error after this many NaN/inf updates in a row (each one
+            is skipped and counted in ``updates/skipped_nonfinite``).
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -199,6 +201,7 @@ class MarbleModule(LightningModule):
         gradient_clip_norm: float | None = 1.0,
         nonfinite_rewards: NonFinitePolicy = "error",
         max_sequence_length: int = 256,
+        max_nonfinite_steps: int = 3,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -232,6 +235,8 @@ class MarbleModule(LightningModule):
             raise ValueError(
                 f"weights_dtype must be one of {sorted(_DTYPES)}, got {weights_dtype!r}"
             )
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if kl_beta < 0:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
 
@@ -263,7 +268,13 @@ class MarbleModule(LightningModule):
         self.val_rewards = torch.nn.ModuleDict(
             {_metric_key(name): MeanMetric() for name in self.reward_names}
         )
-        self.counters = {"qp_fallbacks": 0, "nonfinite_rewards": 0}
+        self.counters = {
+            "qp_fallbacks": 0,
+            "nonfinite_rewards": 0,
+            "skipped_nonfinite": 0,
+            "skipped_zero_grad": 0,
+            "nonfinite_streak": 0,
+        }
         self.last_step: StepRecord | None = None
         self._negative: tuple[Tensor, Tensor] | None = None
         self._configured = False
@@ -487,12 +498,48 @@ class MarbleModule(LightningModule):
         hp = self.hparams
         if hp.balancer != "marble" or m is None:
             return np.ones(1), np.ones(1), None
+        k = m.shape[0]
+        if not bool(torch.isfinite(m).all()) or float(torch.trace(m)) == 0.0:
+            # Nothing to balance: the step is skipped after the backward (non-finite or zero
+            # gradient), so keep the EMA untouched and report uniform weights.
+            uniform = np.full(k, 1.0 / k)
+            status = "zero_gram" if bool(torch.isfinite(m).all()) else "nonfinite_gram"
+            return uniform, uniform, BalanceResult(uniform, status, 0.0, False)
         scales = gradient_scales(m, hp.normalization, losses.detach().double().cpu().numpy())
         result = self.solver(rescale_gram(m, scales))
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
         raw = self._broadcast(to_raw_weights(result.weights, scales))
         return raw, self._smooth(raw), result
+
+    def _grad_norm(self) -> float:
+        """Norm of the gradient about to be applied (identical on every rank after the sync)."""
+        norms = [p.grad.detach().double().norm() for p in self.lora_params if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    def _skip_reason(self, norm: float) -> str | None:
+        """``None`` to step, else why this update is skipped (counted in ``updates/skipped_*``).
+
+        A non-finite gradient (NaN/inf loss) skips the step; ``max_nonfinite_steps`` of them in a
+        row stop the run with an error, rather than silently training on nothing. An all-zero
+        gradient (every reward constant within its groups, say) skips the step too.
+        """
+        if not math.isfinite(norm):
+            self.counters["skipped_nonfinite"] += 1
+            self.counters["nonfinite_streak"] += 1
+            if self.counters["nonfinite_streak"] >= self.hparams.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"the update was NaN/inf in {self.counters['nonfinite_streak']} steps in a row "
+                    f"(up to step {self.global_step}): lower the learning rate, check the rewards "
+                    "for extreme values, or use `trainer.precision: 32-true` to rule out "
+                    "overflow; `model.max_nonfinite_steps` sets how many are tolerated."
+                )
+            return "nonfinite"
+        self.counters["nonfinite_streak"] = 0
+        if norm == 0.0:
+            self.counters["skipped_zero_grad"] += 1
+            return "zero"
+        return None
 
     def _smooth(self, weights: np.ndarray) -> np.ndarray:
         """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
@@ -620,17 +667,21 @@ class MarbleModule(LightningModule):
                 v_ref = self.velocity(x_t, t, embeds, pooled)
             kl = hp.kl_beta * (v_theta - v_ref).square().mean()
             self.manual_backward(kl)
-        if hp.gradient_clip_norm is not None:
+        skip = self._skip_reason(self._grad_norm())
+        if skip is None and hp.gradient_clip_norm is not None:
             self.clip_gradients(
                 opt, gradient_clip_val=hp.gradient_clip_norm, gradient_clip_algorithm="norm"
             )
+        if skip is not None:
+            # Parameters without .grad are left alone by torch optimizers (weights AND state),
+            # and the step still counts, so max_steps, schedules and seeds stay aligned.
+            opt.zero_grad(set_to_none=True)
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-
-        # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
-        ema_update_adapter(self.transformer, decay=hp.old_policy_decay)
+        if skip is None:  # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
+            ema_update_adapter(self.transformer, decay=hp.old_policy_decay)
         t3 = time.perf_counter()
 
         self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
@@ -680,6 +731,8 @@ class MarbleModule(LightningModule):
         if kl is not None:
             log["kl"] = float(kl.detach())
         log["rewards/nonfinite"] = float(self.counters["nonfinite_rewards"])
+        log["updates/skipped_nonfinite"] = float(self.counters["skipped_nonfinite"])
+        log["updates/skipped_zero_grad"] = float(self.counters["skipped_zero_grad"])
         rollout_s, reward_s, update_s = times
         log.update(
             {
