@@ -27,6 +27,7 @@ __all__ = [
     "gram",
     "min_norm_coefficients",
     "frank_wolfe_min_norm",
+    "conflicts",
     "gradient_scales",
     "rescale_gram",
     "to_raw_weights",
@@ -88,6 +89,17 @@ def _check_gram(m: np.ndarray | Tensor) -> np.ndarray:
             "the loss for NaN before balancing)"
         )
     return 0.5 * (m + m.T)
+
+
+def conflicts(gram: np.ndarray | Tensor, weights: np.ndarray, rtol: float = 1e-9) -> bool:
+    """Whether ``d = sum_k w_k g_k`` pushes some reward backwards: ``min_k <g_k, d> < 0``.
+
+    ``<g_k, d> = (M w)_k``, so this needs only the Gram. ``rtol`` (relative to the mean squared
+    gradient norm) absorbs round-off.
+    """
+    m = _check_gram(gram)
+    scale = max(float(np.trace(m)) / m.shape[0], 0.0)
+    return bool(np.min(m @ np.asarray(weights, dtype=np.float64)) < -rtol * scale)
 
 
 def frank_wolfe_min_norm(

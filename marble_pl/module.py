@@ -510,7 +510,7 @@ class MarbleModule(LightningModule):
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
         raw = self._broadcast(to_raw_weights(result.weights, scales))
-        return raw, self._smooth(raw), result
+        return raw, self._smooth(raw, m), result
 
     def _grad_norm(self) -> float:
         """Norm of the gradient about to be applied (identical on every rank after the sync)."""
@@ -541,16 +541,18 @@ class MarbleModule(LightningModule):
             return "zero"
         return None
 
-    def _smooth(self, weights: np.ndarray) -> np.ndarray:
-        """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
+    def _coefficient_ema(self) -> Any:
+        """The attached ``CoefficientEMA`` callback, if any."""
         from marble_pl.callbacks.coefficient_ema import CoefficientEMA
 
-        trainer = self._trainer
-        if trainer is not None:
-            for cb in trainer.callbacks:
-                if isinstance(cb, CoefficientEMA):
-                    return cb.update(weights)
-        return weights
+        if self._trainer is None:
+            return None
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, CoefficientEMA)), None)
+
+    def _smooth(self, weights: np.ndarray, m: Tensor) -> np.ndarray:
+        """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
+        ema = self._coefficient_ema()
+        return weights if ema is None else ema.update(weights, m)
 
     def _gradient_monitors(self) -> list[Any]:
         """Callbacks that want to see each step's gradients (``on_marble_gradients``)."""
@@ -730,6 +732,9 @@ class MarbleModule(LightningModule):
             log["qp/fallbacks"] = float(self.counters["qp_fallbacks"])
         if kl is not None:
             log["kl"] = float(kl.detach())
+        ema = self._coefficient_ema()
+        if ema is not None and result is not None:
+            log["lambda/guarded"] = float(ema.guarded)
         log["rewards/nonfinite"] = float(self.counters["nonfinite_rewards"])
         log["updates/skipped_nonfinite"] = float(self.counters["skipped_nonfinite"])
         log["updates/skipped_zero_grad"] = float(self.counters["skipped_zero_grad"])

@@ -177,3 +177,31 @@ def test_raw_min_norm_update_never_conflicts(tiny_sd3_path, space):
     for logged in history.logged:
         assert logged["cos/min"] >= -1e-6, logged
     assert history.logged[-1]["cos/frac_min_negative"] == 0.0
+
+
+@pytest.mark.parametrize("space", ["output", "parameters"])
+def test_guarded_ema_never_conflicts(tiny_sd3_path, space):
+    """With the guard, a smoothed lambda_bar that would push a reward backwards is not applied."""
+    module = make_module(tiny_sd3_path, gradient_space=space)
+    randomise_lora_b(module)
+    ema, monitor = CoefficientEMA(decay=0.95, guard=True), GradientCosineMonitor()
+    history = History(monitor)
+    fit(module, steps=4, callbacks=[ema, monitor, history])
+    for logged in history.logged:
+        assert logged["cos/min"] >= -1e-6, logged
+    assert ema.state_dict()["guarded"] == ema.guarded <= 4
+
+
+def test_ema_guard_uses_raw_weights_on_conflict():
+    ema = CoefficientEMA(decay=0.9, guard=True)
+    g = np.array([[1.0, 0.0], [-0.9, 0.1]])
+    m = g @ g.T
+    ema.update(np.array([1.0, 0.0]))  # lambda_bar starts at reward 0 only
+    raw = np.array([0.5, 0.5])
+    applied = ema.update(raw, m)  # lambda_bar ~ [0.74, 0.26]: conflicts with reward 1
+    assert ((m @ ema.ema.value) < 0).any()
+    np.testing.assert_array_equal(applied, raw)
+    assert ema.guarded == 1
+    unguarded = CoefficientEMA(decay=0.9, guard=False)
+    unguarded.update(np.array([1.0, 0.0]))
+    np.testing.assert_allclose(unguarded.update(raw, m), ema.ema.value)
