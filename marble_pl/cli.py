@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
@@ -40,7 +41,12 @@ _EXPECTED_WARNINGS = (
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``marble`` console script."""
+    """Entry point of the ``marble`` console script (``marble export ...``: LoRA export)."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and argv and argv[0] == "export":
+        from marble_pl.export import main as export_main
+
+        raise SystemExit(export_main(list(argv[1:])))
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     MarbleCLI(

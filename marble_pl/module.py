@@ -276,6 +276,7 @@ class MarbleModule(LightningModule):
             "nonfinite_streak": 0,
         }
         self.last_step: StepRecord | None = None
+        self.last_timing: dict[str, float] = {}
         self._negative: tuple[Tensor, Tensor] | None = None
         self._configured = False
 
@@ -687,6 +688,7 @@ class MarbleModule(LightningModule):
         t3 = time.perf_counter()
 
         self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
+        self.last_timing = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2}
         self._log_step(rewards, bad, loss, kl, raw, weights, result, (t1 - t0, t2 - t1, t3 - t2), n)
         return loss.detach()
 

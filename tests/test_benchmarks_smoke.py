@@ -96,3 +96,22 @@ def test_toy_study_smoke(tmp_path: Path) -> None:
         assert 0.0 <= agg["frac_neg_worst_cos"]["mean"] <= 1.0
         assert len(agg["delta"]["mean"]) == k
         assert all(math.isfinite(x) for x in agg["delta"]["mean"])
+
+
+def test_step_time_smoke(tmp_path):
+    """The step-time benchmark runs the four variants through the real training step."""
+    spec = importlib.util.spec_from_file_location(
+        "step_time", Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--out", str(tmp_path / "st.md")])
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["single", "weighted_sum", "marble_output", "marble_parameters"]
+    for row in result["rows"]:
+        assert math.isfinite(row["speed_vs_single"]) and row["speed_vs_single"] > 0
+        assert math.isfinite(row["update_speed_vs_single"]) and row["median_step_ms"] > 0
+    assert result["rows"][2]["qp_ms"] > 0  # marble solves a QP, single does not
+    text = (tmp_path / "st.md").read_text()
+    assert "| marble_output |" in text and "Machine:" in text
+    assert (tmp_path / "st.json").exists()

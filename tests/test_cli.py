@@ -90,6 +90,7 @@ def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
     png = run / "samples" / "validation_step000002.png"
     with Image.open(png) as image:
         assert image.size == (70, 138)
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()  # LoraExport
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

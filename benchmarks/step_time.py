@@ -1,0 +1,228 @@
+"""Step time of MARBLE against the single-reward baseline, side by side in one process.
+
+Four variants of the real ``MarbleModule.training_step`` on the same model and prompts:
+``single`` (one reward scored and trained: the speed reference), ``weighted_sum`` (K rewards),
+``marble`` in ``output`` space (amortized) and ``marble`` in ``parameters`` space (exact). Steps
+are interleaved round-robin (A B C D A B C D ...) after a warm-up, so machine noise hits every
+variant alike, and reported as ratios: ``speed = single_time / variant_time`` (0.98 = 2 %
+slower). The update phase alone (per-reward gradients, balance, backward, optimizer step) is
+reported too: there the balancing overhead is not hidden behind the rollout.
+
+    python benchmarks/step_time.py                 # tiny random SD3, CPU
+    python benchmarks/step_time.py --device cuda --model /path/to/sd3 --resolution 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from marble_pl.data import PromptDataModule
+from marble_pl.models import build_tiny_sd3
+from marble_pl.module import MarbleModule
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARDS_K5: list[Any] = [
+    "brightness",
+    "saturation",
+    "contrast",
+    "compressibility",
+    {"name": "compressibility", "alias": "compressibility_q50", "quality": 50},
+]
+VARIANTS = {
+    "single": {"balancer": "single", "rewards": REWARDS_K5[:1]},
+    "weighted_sum": {"balancer": "weighted_sum"},
+    "marble_output": {"balancer": "marble", "gradient_space": "output"},
+    "marble_parameters": {"balancer": "marble", "gradient_space": "parameters"},
+}
+
+
+class StepTimer(Callback):
+    """Wall time of each training step (batch start to batch end) and the module's split."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        cuda = torch.cuda.is_available() and pl_module.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        rec = pl_module.last_step
+        qp = rec.balance.solve_seconds if rec is not None and rec.balance is not None else 0.0
+        self.steps.append(
+            {
+                "step_s": time.perf_counter() - self._start,
+                **pl_module.last_timing,
+                "qp_s": qp,
+                "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+            }
+        )
+
+
+def build(args: argparse.Namespace, model: str, overrides: dict[str, Any]) -> tuple[Any, ...]:
+    """One variant: its module, Trainer, data and timer (nothing run yet)."""
+    seed_everything(0)
+    kwargs: dict[str, Any] = {
+        "pretrained_model_name_or_path": model,
+        "local_files_only": True,
+        "rewards": REWARDS_K5,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": float(2 * args.lora_rank),
+        "num_inference_steps": args.steps,
+        "guidance_scale": 1.0,
+        "resolution": args.resolution,
+        "max_sequence_length": 16,
+        "weights_dtype": args.dtype,
+        "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-4),
+    }
+    kwargs.update(overrides)
+    module = MarbleModule(**kwargs)
+    timer = StepTimer()
+    trainer = Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    data = PromptDataModule(
+        str(ROOT / "configs/prompts/tiny_train.txt"),
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        seed=0,
+    )
+    return module, trainer, data, timer
+
+
+def run_round(variant: tuple[Any, ...], steps: int) -> None:
+    """Advance one variant by ``steps`` training steps (fit resumes where it stopped)."""
+    module, trainer, data, _ = variant
+    trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + steps
+    trainer.fit(module, data)
+
+
+def summarise(name: str, steps: list[dict[str, float]], ref: dict[str, float]) -> dict[str, Any]:
+    """Medians of a variant's timed steps and its ratios to the reference (single)."""
+
+    def med(key: str) -> float:
+        return statistics.median(s[key] for s in steps)
+
+    times = sorted(s["step_s"] for s in steps)
+    out = {
+        "variant": name,
+        "median_step_ms": 1e3 * med("step_s"),
+        "p90_step_ms": 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
+        "rollout_ms": 1e3 * med("rollout_s"),
+        "reward_ms": 1e3 * med("reward_s"),
+        "update_ms": 1e3 * med("update_s"),
+        "qp_ms": 1e3 * med("qp_s"),
+        "peak_mb": med("peak_mb"),
+    }
+    out["speed_vs_single"] = ref["median_step_ms"] / out["median_step_ms"] if ref else 1.0
+    out["update_speed_vs_single"] = ref["update_ms"] / out["update_ms"] if ref else 1.0
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the summaries."""
+    cols = [
+        ("variant", "{}"),
+        ("median_step_ms", "{:.1f}"),
+        ("p90_step_ms", "{:.1f}"),
+        ("speed_vs_single", "{:.3f}"),
+        ("rollout_ms", "{:.1f}"),
+        ("reward_ms", "{:.1f}"),
+        ("update_ms", "{:.1f}"),
+        ("update_speed_vs_single", "{:.3f}"),
+        ("qp_ms", "{:.3f}"),
+        ("peak_mb", "{:.0f}"),
+    ]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[c]) for c, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="SD3 pipeline dir (default: a tiny one)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per step (B)")
+    parser.add_argument("--group-size", type=int, default=4, help="images per prompt (G)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="sampler steps per rollout")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
+    parser.add_argument("--out", default="runs/step_time/step_time.md")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.warmup, args.repeats = 1, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one fit per step: keep it quiet
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
+        variants = {name: build(args, model, o) for name, o in VARIANTS.items()}
+        for variant in variants.values():  # warm-up, untimed
+            run_round(variant, args.warmup)
+            variant[3].steps.clear()
+        for _ in range(args.repeats):  # interleaved: A B C D A B C D ...
+            for variant in variants.values():
+                run_round(variant, 1)
+
+    ref = summarise("single", variants["single"][3].steps, {})
+    rows = [summarise(n, v[3].steps, ref) for n, v in variants.items()]
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"device {args.device}, threads {torch.get_num_threads()}"
+    )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    note = (
+        f"Machine: {machine}. Model: {'tiny random SD3' if args.model is None else args.model}, "
+        f"B={args.batch_size}, G={args.group_size}, {args.resolution}px, {args.steps} sampler "
+        f"steps, K=5 rewards (single: 1). {args.repeats} interleaved steps per variant after "
+        f"{args.warmup} warm-up. speed = single's median step time / the variant's. Peak memory "
+        "per variant is CUDA max-allocated; on the CPU the variants share one process, so only "
+        f"the process's max RSS is known: {rss:.0f} MB."
+    )
+    text = f"{table(rows)}\n\n{note}\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    result = {"rows": rows, "note": note, "args": vars(args)}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

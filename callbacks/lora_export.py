@@ -1,0 +1,54 @@
+"""Export the trained LoRA adapter in diffusers' format when training ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from marble_pl.export import LORA_WEIGHT_NAME, export_lora
+
+__all__ = ["LoraExport"]
+
+
+class LoraExport(Callback):
+    r"""At the end of training, write the trained adapter to ``<trainer.log_dir>/<dirname>``.
+
+    The file is ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format (see
+    :func:`marble_pl.export.export_lora`): the ``"default"`` adapter (``v_theta``), not the
+    sampling policy. Load it with ``StableDiffusion3Pipeline.load_lora_weights(<dir>)``. Written
+    by global rank 0 only, after ``fit`` ends normally (a crashed or interrupted run writes
+    nothing: export its checkpoint with ``marble export --ckpt_path ... --out_dir ...``). Not for
+    sharded strategies (FSDP, DeepSpeed stage 3), where each rank holds only part of the LoRA.
+
+    Args:
+        dirname: directory name under the trainer's ``log_dir`` (e.g. ``runs/tiny/version_0``;
+            ``default_root_dir`` without a logger).
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: marble_pl.callbacks.LoraExport
+              init_args: {dirname: lora}
+    """
+
+    def __init__(self, dirname: str = "lora") -> None:
+        if not dirname or Path(dirname).is_absolute():
+            raise ValueError(
+                f"LoraExport(dirname=...) must be a relative directory name, got {dirname!r}"
+            )
+        self.dirname = dirname
+        self.path: Path | None = None  # the file written, once training has ended
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        root = Path(log_dir if log_dir is not None else trainer.default_root_dir)
+        out = root / self.dirname
+        if trainer.is_global_zero:
+            self.path = export_lora(pl_module, out)
+            rank_zero_info(f"LoraExport: LoRA weights written to {self.path}")
+        else:
+            self.path = out / LORA_WEIGHT_NAME
+        trainer.strategy.barrier("lora_export")
