@@ -10,6 +10,10 @@ reported too: there the balancing overhead is not hidden behind the rollout.
 
     python benchmarks/step_time.py                 # tiny random SD3, CPU
     python benchmarks/step_time.py --device cuda --model /path/to/sd3 --resolution 512
+    python benchmarks/step_time.py --device cuda --config configs/sd35.yaml --model.x=y ...
+
+With ``--config`` each variant is built as ``marble fit --config`` builds it (so four copies
+of the model live in the process: on one GPU that needs room for four pipelines).
 """
 
 from __future__ import annotations
@@ -97,17 +101,7 @@ def build(args: argparse.Namespace, model: str, overrides: dict[str, Any]) -> tu
     kwargs.update(overrides)
     module = MarbleModule(**kwargs)
     timer = StepTimer()
-    trainer = Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-        max_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
+    trainer = _timing_trainer(args, timer)
     data = PromptDataModule(
         str(ROOT / "configs/prompts/tiny_train.txt"),
         batch_size=args.batch_size,
@@ -117,6 +111,51 @@ def build(args: argparse.Namespace, model: str, overrides: dict[str, Any]) -> tu
     return module, trainer, data, timer
 
 
+def build_from_config(
+    args: argparse.Namespace, name: str, cli_args: list[str], first_reward: Any = None
+) -> tuple[Any, ...]:
+    """One variant built exactly as ``marble fit --config`` builds it, plus the variant's switch.
+
+    The config's rewards are kept (``single`` keeps its first one); its trainer, logger and
+    callbacks are not used: every variant gets the same bare timing Trainer.
+    """
+    from marble_pl.cli import MarbleCLI
+
+    overrides = VARIANTS[name]
+    switch = [f"--model.balancer={overrides['balancer']}"]
+    if first_reward is not None:  # `single`, the speed reference: one reward scored and trained
+        switch.append(f"--model.rewards={json.dumps([first_reward])}")
+    if "gradient_space" in overrides:
+        switch.append(f"--model.gradient_space={overrides['gradient_space']}")
+    seed_everything(0)
+    cli = MarbleCLI(
+        MarbleModule,
+        PromptDataModule,
+        run=False,
+        seed_everything_default=0,
+        args=["--config", args.config, *cli_args, *switch, "--trainer.logger=false"],
+    )
+    timer = StepTimer()
+    return cli.model, _timing_trainer(args, timer), cli.datamodule, timer
+
+
+def _timing_trainer(args: argparse.Namespace, timer: StepTimer) -> Trainer:
+    """A Trainer with nothing but the timer: no logger, checkpoints, progress bar or validation."""
+    return Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=args.log_every_n_steps,
+        callbacks=[timer],
+    )
+
+
 def run_round(variant: tuple[Any, ...], steps: int) -> None:
     """Advance one variant by ``steps`` training steps (fit resumes where it stopped)."""
     module, trainer, data, _ = variant
@@ -124,7 +163,12 @@ def run_round(variant: tuple[Any, ...], steps: int) -> None:
     trainer.fit(module, data)
 
 
-def summarise(name: str, steps: list[dict[str, float]], ref: dict[str, float]) -> dict[str, Any]:
+def summarise(
+    name: str,
+    steps: list[dict[str, float]],
+    ref: dict[str, float],
+    ref_steps: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """Medians of a variant's timed steps and its ratios to the reference (single)."""
 
     def med(key: str) -> float:
@@ -142,6 +186,9 @@ def summarise(name: str, steps: list[dict[str, float]], ref: dict[str, float]) -
         "peak_mb": med("peak_mb"),
     }
     out["speed_vs_single"] = ref["median_step_ms"] / out["median_step_ms"] if ref else 1.0
+    # Paired: round i of every variant ran back to back, so the per-round ratio cancels drift.
+    pairs = zip(ref_steps or steps, steps, strict=True)
+    out["speed_paired"] = statistics.median(a["step_s"] / b["step_s"] for a, b in pairs)
     out["update_speed_vs_single"] = ref["update_ms"] / out["update_ms"] if ref else 1.0
     return out
 
@@ -153,6 +200,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("median_step_ms", "{:.1f}"),
         ("p90_step_ms", "{:.1f}"),
         ("speed_vs_single", "{:.3f}"),
+        ("speed_paired", "{:.3f}"),
         ("rollout_ms", "{:.1f}"),
         ("reward_ms", "{:.1f}"),
         ("update_ms", "{:.1f}"),
@@ -168,6 +216,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a `marble fit` YAML: its model, rewards and data (extra `--model.x=y` args pass on)",
+    )
     parser.add_argument("--model", default=None, help="SD3 pipeline dir (default: a tiny one)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -178,10 +231,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant")
+    parser.add_argument(
+        "--log-every-n-steps", type=int, default=50, help="Trainer.log_every_n_steps (details)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
     parser.add_argument("--out", default="runs/step_time/step_time.md")
-    args = parser.parse_args(argv)
+    args, cli_args = parser.parse_known_args(argv)
+    if cli_args and args.config is None:
+        parser.error(f"unrecognized arguments: {' '.join(cli_args)} (CLI overrides need --config)")
     if args.smoke:
         args.warmup, args.repeats = 1, 2
     if args.threads:
@@ -190,8 +248,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
-        variants = {name: build(args, model, o) for name, o in VARIANTS.items()}
+        model = args.model or (
+            "" if args.config else str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
+        )
+        if args.config is not None:
+            multi = {n: build_from_config(args, n, cli_args) for n in list(VARIANTS)[1:]}
+            first = multi["weighted_sum"][0].hparams.rewards[0]
+            variants = {"single": build_from_config(args, "single", cli_args, first), **multi}
+        else:
+            variants = {name: build(args, model, o) for name, o in VARIANTS.items()}
         for variant in variants.values():  # warm-up, untimed
             run_round(variant, args.warmup)
             variant[3].steps.clear()
@@ -200,19 +265,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run_round(variant, 1)
 
     ref = summarise("single", variants["single"][3].steps, {})
-    rows = [summarise(n, v[3].steps, ref) for n, v in variants.items()]
+    single = variants["single"][3].steps
+    rows = [summarise(n, v[3].steps, ref, single) for n, v in variants.items()]
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"device {args.device}, threads {torch.get_num_threads()}"
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    module, _, data, _ = variants["marble_output"]
+    hp = module.hparams
+    source = args.config or args.model
+    model_text = f"{source} ({hp.pretrained_model_name_or_path})" if source else "tiny random SD3"
     note = (
-        f"Machine: {machine}. Model: {'tiny random SD3' if args.model is None else args.model}, "
-        f"B={args.batch_size}, G={args.group_size}, {args.resolution}px, {args.steps} sampler "
-        f"steps, K=5 rewards (single: 1). {args.repeats} interleaved steps per variant after "
-        f"{args.warmup} warm-up. speed = single's median step time / the variant's. Peak memory "
-        "per variant is CUDA max-allocated; on the CPU the variants share one process, so only "
-        f"the process's max RSS is known: {rss:.0f} MB."
+        f"Machine: {machine}. Model: {model_text}, "
+        f"{hp.weights_dtype} weights, B={data.batch_size}, G={data.group_size}, "
+        f"{hp.resolution}px, {hp.num_inference_steps} sampler steps, K={len(hp.rewards)} rewards "
+        f"(single: 1). {args.repeats} interleaved steps per variant after {args.warmup} warm-up. "
+        "speed = single's median step time / the variant's; speed_paired = the median over rounds "
+        "of single's step time / the variant's in the same round. Detail metrics are logged "
+        f"every {args.log_every_n_steps} steps, reward means every step. Peak memory per variant "
+        "is CUDA "
+        "max-allocated; on the CPU the variants share one process, so only the process's max "
+        f"RSS is known: {rss:.0f} MB."
     )
     text = f"{table(rows)}\n\n{note}\n"
     print(text)

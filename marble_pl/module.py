@@ -705,6 +705,19 @@ class MarbleModule(LightningModule):
         one_hot[hp.single_reward] = 1.0
         return one_hot
 
+    def _logger_writes_this_step(self) -> bool:
+        """Whether Lightning's logger writes this step's metrics (``log_every_n_steps``).
+
+        Called after the optimizer step, when ``global_step`` already counts this step. The
+        per-reward detail metrics (K of each) are only assembled on those steps: on the others
+        ``self.log`` would store them for nothing, a cost that grows with K.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = max(int(trainer.log_every_n_steps), 1)
+        return trainer.global_step % every == 0 or bool(trainer.should_stop)
+
     def _log_step(
         self,
         rewards: Tensor,
@@ -717,6 +730,7 @@ class MarbleModule(LightningModule):
         times: tuple[float, float, float],
         n: int,
     ) -> None:
+        details = self._logger_writes_this_step()
         log = {"loss": float(loss.detach())}
         for k, name in enumerate(self.reward_names):
             ok = ~bad[:, k]
@@ -724,6 +738,8 @@ class MarbleModule(LightningModule):
             mean = float(vals.mean()) if vals.numel() else math.nan
             self.log(f"reward/{name}/mean", mean, prog_bar=True, batch_size=n)
             log[f"reward/{name}/std"] = float(vals.std()) if vals.numel() > 1 else 0.0
+        if not details:  # nothing below would reach the logger this step: skip its cost
+            return
         raw, weights = self.effective_weights(raw), self.effective_weights(weights)
         for name, lam, lam_bar in zip(self.reward_names, raw, weights, strict=True):
             log[f"lambda/{name}"] = float(lam)

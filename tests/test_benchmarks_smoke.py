@@ -115,3 +115,36 @@ def test_step_time_smoke(tmp_path):
     text = (tmp_path / "st.md").read_text()
     assert "| marble_output |" in text and "Machine:" in text
     assert (tmp_path / "st.json").exists()
+
+
+def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
+    """``--config`` builds the variants as ``marble fit`` does; ``single`` keeps one reward."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the config's prompt files are relative to the project root
+    spec = importlib.util.spec_from_file_location("step_time", root / "benchmarks" / "step_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(
+        [
+            "--smoke",
+            "--config",
+            "configs/tiny.yaml",
+            "--out",
+            str(tmp_path / "st.md"),
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            "--model.num_inference_steps=2",
+        ]
+    )
+    assert [row["variant"] for row in result["rows"]][0] == "single"
+    note = result["note"]
+    assert "configs/tiny.yaml" in note and "K=3 rewards" in note and "2 sampler steps" in note
+    assert result["rows"][3]["qp_ms"] > 0
+
+
+def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("step_time", root / "benchmarks" / "step_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--smoke", "--model.lora_rank=2", "--out", str(tmp_path / "st.md")])

@@ -195,3 +195,59 @@ def test_resolution_must_fit_the_model(tiny_sd3_path):
     module = make_module(tiny_sd3_path, resolution=30)
     with pytest.raises(ValueError, match="multiple of"):
         module.configure_model()
+
+
+def test_detail_metrics_reach_the_logger_on_its_steps_only(tiny_sd3_path):
+    """With log_every_n_steps=2 the logger gets the per-reward details at steps 2 and 4 (and the
+    progress-bar reward means every step); step 1's details are never assembled."""
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, dict[str, float]]] = []
+
+        @property
+        def name(self) -> str:
+            return "capture"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+    logger = Capture()
+    seen: list[set[str]] = []
+    stored: list[bool] = []
+
+    class Keys(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            seen.append(set(trainer.progress_bar_metrics))
+            stored.append("lambda/brightness" in trainer.callback_metrics)
+
+    module = make_module(tiny_sd3_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Keys()],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, PromptDataModule(str(PROMPTS), batch_size=2, group_size=3, seed=0))
+    with_lambda = [step for step, row in logger.rows if "lambda/brightness" in row]
+    assert with_lambda == [1, 3]  # Lightning's logger step is 0-based: steps 2 and 4
+    for step, row in logger.rows:
+        if step in with_lambda:
+            assert {"reward/saturation/mean", "reward/saturation/std", "loss"} <= set(row)
+    assert all({f"reward/{n}/mean" for n in module.reward_names} <= keys for keys in seen)
+    assert len(seen) == 4
+    assert stored[0] is False  # step 1 is not a logging step: its details were not assembled
