@@ -30,6 +30,9 @@ The toy, all on CPU in a few minutes:
   - ``weighted_sum``: the gradient of the loss with the weighted-sum ``r``;
   - ``marble``: ``d = sum_k lambda_bar_k g_k`` with ``lambda*`` from the OSQP min-norm QP on the
     parameter-space Gram and ``lambda_bar`` its EMA (``--coef-decay``, as the training default);
+  - ``marble_guarded``: as ``marble``, but a step whose ``lambda_bar`` would push some reward
+    backwards (``min_k (M lambda_bar)_k < 0``) applies ``lambda*`` instead: the library default,
+    ``CoefficientEMA(guard=True)``;
   - ``marble_no_ema``: the ablation of the coefficient EMA, ``d = sum_k lambda*_k g_k`` with this
     batch's QP solution (the only variant with the per-batch guarantee ``<g_k, d> >= |d|^2``).
 
@@ -67,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from marble_pl.advantages import group_advantages, optimality
-from marble_pl.balance import EMA, MinNormSolver, gram
+from marble_pl.balance import EMA, MinNormSolver, conflicts, gram
 from marble_pl.gradients import assign_flat_grad, cosines, parameter_grads, update_direction
 from marble_pl.nft import nft_loss
 
@@ -84,7 +87,7 @@ __all__ = [
     "main",
 ]
 
-METHODS = ("weighted_sum", "marble", "marble_no_ema")
+METHODS = ("weighted_sum", "marble", "marble_guarded", "marble_no_ema")
 
 
 @dataclass
@@ -284,7 +287,8 @@ def run_method(
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on ``base`` with ``method`` for ``cfg.steps`` steps; per-step records.
 
-    ``method`` is ``weighted_sum``, ``marble`` (coefficient EMA with ``cfg.coef_decay``) or
+    ``method`` is ``weighted_sum``, ``marble`` (coefficient EMA with ``cfg.coef_decay``),
+    ``marble_guarded`` (that EMA, ``lambda*`` on steps where it would conflict) or
     ``marble_no_ema`` (the raw QP coefficients each step, the ablation of the EMA). Returns lists
     (one entry per step) of the rollout reward means ``[K]``, the cosines ``[K]`` of every
     per-reward gradient with the applied update, the cosines with the *other* direction on the same
@@ -347,11 +351,15 @@ def run_method(
         losses = nft_loss(v_theta, v_old, v_target, r.repeat(m, 1), cfg.beta, **kw).mean(0)
         grads = parameter_grads(losses, params)  # [K, P]
 
-        res = solver(gram(grads))
+        m_k = gram(grads)
+        res = solver(m_k)
         lam_raw = torch.from_numpy(res.weights)
         d_min_norm = update_direction(grads, lam_raw)
         if method != "weighted_sum":
-            lam = torch.from_numpy(coef_ema.update(res.weights))
+            smoothed = coef_ema.update(res.weights)
+            if method == "marble_guarded" and conflicts(m_k, smoothed):
+                smoothed = res.weights  # CoefficientEMA(guard=True): lambda* on this step
+            lam = torch.from_numpy(smoothed)
             applied = update_direction(grads, lam)
             other = g_ws
             rec["weights"].append(lam.tolist())
@@ -530,7 +538,12 @@ def plot_curves(runs: Sequence[dict[str, Any]], cfg: ToyConfig, path: Path) -> N
 
     k = cfg.k
     fig, axes = plt.subplots(1, k + 1, figsize=(4 * (k + 1), 3.4))
-    colours = {"weighted_sum": "tab:red", "marble": "tab:blue", "marble_no_ema": "tab:green"}
+    colours = {
+        "weighted_sum": "tab:red",
+        "marble": "tab:blue",
+        "marble_guarded": "tab:purple",
+        "marble_no_ema": "tab:green",
+    }
     steps = np.arange(cfg.steps)
     window = max(1, cfg.steps // 30)
 
@@ -581,7 +594,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         nargs="+",
         choices=METHODS,
         default=d.methods,
-        help="methods to compare (marble_no_ema: raw QP coefficients, the EMA ablation)",
+        help="methods to compare (marble_guarded: the library's guarded EMA; marble_no_ema: raw QP "
+        "coefficients, the EMA ablation)",
     )
     p.add_argument("--steps", type=int, default=d.steps, help="RL steps per method and seed")
     p.add_argument("--prompts", type=int, default=d.prompts, help="prompts (groups) per step")
