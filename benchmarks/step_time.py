@@ -248,14 +248,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or (
-            "" if args.config else str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
-        )
         if args.config is not None:
             multi = {n: build_from_config(args, n, cli_args) for n in list(VARIANTS)[1:]}
             first = multi["weighted_sum"][0].hparams.rewards[0]
             variants = {"single": build_from_config(args, "single", cli_args, first), **multi}
         else:
+            model = args.model or str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
             variants = {name: build(args, model, o) for name, o in VARIANTS.items()}
         for variant in variants.values():  # warm-up, untimed
             run_round(variant, args.warmup)

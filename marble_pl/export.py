@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from marble_pl.models import DEFAULT_ADAPTER
+from marble_pl.models import DEFAULT_ADAPTER, is_lora_key
 
 if TYPE_CHECKING:
     from marble_pl.module import MarbleModule
@@ -176,7 +176,7 @@ def load_lora_checkpoint(
     path = Path(ckpt_path)
     checkpoint = _read_checkpoint(path)
     state = checkpoint["state_dict"]
-    lora = {k: v for k, v in state.items() if "lora_" in k}
+    lora = {k: v for k, v in state.items() if is_lora_key(k)}
     if not lora:
         raise LoraExportError(
             f"{path} has no LoRA weights (none of its {len(state)} state_dict entries is a "
@@ -196,7 +196,7 @@ def load_lora_checkpoint(
     kwargs["gradient_checkpointing"] = False
     module = MarbleModule(**kwargs)
     module.configure_model()
-    expected = {k for k in module.state_dict() if "lora_" in k}
+    expected = {k for k in module.state_dict() if is_lora_key(k)}
     missing, unexpected = sorted(expected - lora.keys()), sorted(lora.keys() - expected)
     if missing or unexpected:
         raise LoraExportError(

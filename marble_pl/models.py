@@ -44,6 +44,7 @@ __all__ = [
     "SAMPLING_ADAPTER",
     "ModelLoadError",
     "SD3Components",
+    "TORCH_DTYPES",
     "add_lora",
     "add_sampling_adapter",
     "build_tiny_sd3",
@@ -51,7 +52,10 @@ __all__ = [
     "ema_update_adapter",
     "encode_prompts",
     "ensure_tiny_sd3",
+    "env_offline",
+    "is_lora_key",
     "load_sd3",
+    "looks_like_local_path",
     "lora_parameters",
     "read_model_index",
     "tiny_clip_tokenizer",
@@ -121,7 +125,11 @@ class SD3Components:
 _REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def _env_offline() -> bool:
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The weight dtypes a config may name (frozen SD3 weights, reward models)."""
+
+
+def env_offline() -> bool:
     """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set now (the hub reads it at import)."""
     import huggingface_hub
 
@@ -131,7 +139,7 @@ def _env_offline() -> bool:
     )
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     """A string that can only be a filesystem path, never a hub id ``owner/name``."""
     return (
         os.path.isabs(name)
@@ -144,9 +152,9 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _load_error(name: str, local_files_only: bool, reason: str, *, local: bool) -> ModelLoadError:
     """Build the user-facing error for weights that cannot be found, with the fix for its kind."""
-    env_offline = _env_offline()
+    offline_env = env_offline()
     mode = f"local_files_only={bool(local_files_only)}"
-    if env_offline:
+    if offline_env:
         mode += ", HF_HUB_OFFLINE set"
     if local:
         fix = (
@@ -161,7 +169,7 @@ def _load_error(name: str, local_files_only: bool, reason: str, *, local: bool) 
             "then set HF_HOME to that cache here; or pass a local directory that holds a "
             "`save_pretrained` copy"
         )
-        if local_files_only or env_offline:
+        if local_files_only or offline_env:
             fix += "; or drop local_files_only / unset HF_HUB_OFFLINE to download now"
     return ModelLoadError(
         f"Could not load the SD3 pipeline {name!r} ({mode}): {reason}. Fix: {fix}."
@@ -190,8 +198,8 @@ def load_sd3(
     from huggingface_hub.errors import HFValidationError
 
     name = os.fspath(pretrained_model_name_or_path)
-    offline = bool(local_files_only) or _env_offline()
-    is_local = _looks_like_local_path(name)
+    offline = bool(local_files_only) or env_offline()
+    is_local = looks_like_local_path(name)
     if is_local:
         local = Path(name).expanduser()
         if not local.is_dir():
@@ -502,6 +510,11 @@ def _strip_adapter(name: str, adapter_name: str) -> str | None:
         if parts[i] == adapter_name and parts[i - 1].startswith("lora_"):
             return ".".join(parts[:i] + parts[i + 1 :])
     return None
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a state-dict key is a peft LoRA tensor (of any adapter): what checkpoints keep."""
+    return "lora_" in name
 
 
 def lora_parameters(

@@ -37,11 +37,13 @@ from marble_pl.models import (
     DEFAULT_ADAPTER,
     DEFAULT_LORA_TARGETS,
     SAMPLING_ADAPTER,
+    TORCH_DTYPES,
     add_lora,
     add_sampling_adapter,
     ema_update_adapter,
     encode_prompts,
     ensure_tiny_sd3,
+    is_lora_key,
     load_sd3,
     use_adapter,
 )
@@ -54,9 +56,6 @@ LossForm = Literal["reference", "plain"]
 NonFinitePolicy = Literal["error", "drop"]
 
 __all__ = ["MarbleModule", "StepRecord", "GradientContext", "NonFiniteRewardError"]
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _metric_key(name: str) -> str:
@@ -231,9 +230,9 @@ class MarbleModule(LightningModule):
             raise ValueError(f"old_policy_decay must be in [0, 1], got {old_policy_decay}")
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        if weights_dtype not in _DTYPES:
+        if weights_dtype not in TORCH_DTYPES:
             raise ValueError(
-                f"weights_dtype must be one of {sorted(_DTYPES)}, got {weights_dtype!r}"
+                f"weights_dtype must be one of {sorted(TORCH_DTYPES)}, got {weights_dtype!r}"
             )
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
@@ -290,7 +289,7 @@ class MarbleModule(LightningModule):
         path = hp.pretrained_model_name_or_path
         if hp.build_tiny_if_missing:
             ensure_tiny_sd3(path)
-        dtype = _DTYPES[hp.weights_dtype]
+        dtype = TORCH_DTYPES[hp.weights_dtype]
         parts = load_sd3(
             path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
         )
@@ -790,7 +789,7 @@ class MarbleModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the LoRA weights (trained and sampling adapters) and the solver warm start."""
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k
+            k: v for k, v in checkpoint["state_dict"].items() if is_lora_key(k)
         }
         checkpoint["marble"] = {
             "counters": dict(self.counters),

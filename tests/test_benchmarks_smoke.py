@@ -100,11 +100,7 @@ def test_toy_study_smoke(tmp_path: Path) -> None:
 
 def test_step_time_smoke(tmp_path):
     """The step-time benchmark runs the four variants through the real training step."""
-    spec = importlib.util.spec_from_file_location(
-        "step_time", Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("step_time")
     result = module.main(["--smoke", "--out", str(tmp_path / "st.md")])
     names = [row["variant"] for row in result["rows"]]
     assert names == ["single", "weighted_sum", "marble_output", "marble_parameters"]
@@ -119,11 +115,8 @@ def test_step_time_smoke(tmp_path):
 
 def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
     """``--config`` builds the variants as ``marble fit`` does; ``single`` keeps one reward."""
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(root)  # the config's prompt files are relative to the project root
-    spec = importlib.util.spec_from_file_location("step_time", root / "benchmarks" / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.chdir(ROOT)  # the config's prompt files are relative to the project root
+    module = _load("step_time")
     result = module.main(
         [
             "--smoke",
@@ -142,9 +135,6 @@ def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
 
 
 def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("step_time", root / "benchmarks" / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("step_time")
     with pytest.raises(SystemExit):
         module.main(["--smoke", "--model.lora_rank=2", "--out", str(tmp_path / "st.md")])

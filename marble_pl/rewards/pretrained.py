@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marble_pl.models import ModelLoadError
+from marble_pl.models import TORCH_DTYPES, ModelLoadError, env_offline, looks_like_local_path
 from marble_pl.rewards.base import Reward
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class RewardLoadError(ModelLoadError):
@@ -57,32 +55,11 @@ class RewardLoadError(ModelLoadError):
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32"`` / ``"float16"`` / ``"bfloat16"`` (or the torch dtype) -> ``torch.dtype``."""
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-
-
-def env_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set."""
-    import huggingface_hub
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(f.strip().upper() in _TRUE for f in flags) or bool(
-        huggingface_hub.constants.HF_HUB_OFFLINE
-    )
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A string that can only be a filesystem path, never a hub id ``owner/name``."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or Path(name).expanduser().exists()
-    )
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in TORCH_DTYPES:
+        return TORCH_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
 
 
 def require_local(name: str) -> None:
