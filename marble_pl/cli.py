@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
 from marble_pl.data import PromptDataModule
+from marble_pl.errors import EXIT_USAGE, MarbleUserError
 from marble_pl.module import MarbleModule
 
 __all__ = ["MarbleCLI", "main"]
@@ -40,8 +42,30 @@ _EXPECTED_WARNINGS = (
 )
 
 
+def _debug() -> bool:
+    """``MARBLE_DEBUG=1`` shows the full traceback of user errors too."""
+    return os.environ.get("MARBLE_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``marble`` console script (``marble export ...``: LoRA export)."""
+    """Entry point of the ``marble`` console script: user errors become one line, exit code 2.
+
+    A :class:`~marble_pl.errors.MarbleUserError` (bad config value, input file, weights,
+    checkpoint) is printed as ``marble: error: <what, and the fix>``; ``MARBLE_DEBUG=1`` re-raises
+    it with its traceback.
+    """
+    try:
+        _main(args)
+    except MarbleUserError as err:
+        if _debug():
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"marble: error: {message}\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _main(args: list[str] | None = None) -> None:
+    """``marble fit|validate|...`` (LightningCLI) or ``marble export ...`` (LoRA export)."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv and argv[0] == "export":
         from marble_pl.export import main as export_main

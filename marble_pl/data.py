@@ -11,6 +11,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from marble_pl.errors import MarbleUserError
+
 __all__ = [
     "EpochSeededSampler",
     "GroupCollate",
@@ -25,7 +27,7 @@ PromptBatch = dict[str, list[str] | Tensor]
 _SUFFIXES = (".txt", ".jsonl")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(MarbleUserError, ValueError):
     """A prompt file is missing, empty or malformed; the message names the file and the fix."""
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from marble_pl.errors import MarbleUserError
 from marble_pl.models import DEFAULT_ADAPTER, is_lora_key
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ __all__ = [
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default: load_lora_weights(dir)
 
 
-class LoraExportError(ValueError):
+class LoraExportError(MarbleUserError, ValueError):
     """The adapter or checkpoint cannot be exported; the message says why and what to do."""
 
 

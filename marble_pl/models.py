@@ -38,6 +38,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from marble_pl.errors import MarbleUserError
+
 __all__ = [
     "DEFAULT_ADAPTER",
     "DEFAULT_LORA_TARGETS",
@@ -69,7 +71,7 @@ SAMPLING_ADAPTER = "old"
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(MarbleUserError, OSError):
     """SD3 weights or configs could not be found (offline, missing directory, gated repo)."""
 
 

@@ -32,6 +32,7 @@ from marble_pl.balance import (
     rescale_gram,
     to_raw_weights,
 )
+from marble_pl.errors import MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
 from marble_pl.models import (
     DEFAULT_ADAPTER,
@@ -63,7 +64,7 @@ def _metric_key(name: str) -> str:
     return name.replace(".", "_")
 
 
-class NonFiniteRewardError(FloatingPointError):
+class NonFiniteRewardError(MarbleUserError, FloatingPointError):
     """A reward model returned NaN/inf; the message names the reward and the fix."""
 
 
