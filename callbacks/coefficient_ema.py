@@ -69,5 +69,9 @@ class CoefficientEMA(Callback):
         return {**self.ema.state_dict(), "guarded": self.guarded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the running average; the configured decay and bias correction win (resume
+        with changed settings applies them)."""
+        decay, bias_correction = self.ema.decay, self.ema.bias_correction
         self.ema.load_state_dict(state_dict)
+        self.ema.decay, self.ema.bias_correction = decay, bias_correction
         self.guarded = int(state_dict.get("guarded", 0))

@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from marble_pl.errors import ConfigError
 
 __all__ = ["PreemptionSignal"]
 
@@ -18,9 +22,15 @@ class PreemptionSignal(Callback):
 
     Lightning already handles ``SIGTERM`` (what cloud providers send before reclaiming a spot
     instance): it finishes the current training step and raises ``SIGTERMException``, and
-    Lightning's ``OnExceptionCheckpoint`` callback then writes a checkpoint to resume from with
-    ``--ckpt_path``. Many schedulers send ``SIGUSR1`` as the early warning instead; this callback
-    re-sends it to the process as ``SIGTERM`` so both take the same, tested path.
+    ``InterruptCheckpoint`` then writes a checkpoint to resume from with ``--ckpt_path``. Many
+    schedulers send ``SIGUSR1`` as the early warning instead; this callback re-sends it to the
+    process as ``SIGTERM`` so both take the same, tested path. The signal received is kept in
+    :attr:`received`, so ``marble`` exits with ``128 + that signal`` (138 for SIGUSR1).
+
+    Under SLURM with Lightning's auto-requeue (``SLURMEnvironment(auto_requeue=True)``, the
+    default when Lightning detects a SLURM job), the requeue signal (``SIGUSR1`` unless
+    ``requeue_signal`` says otherwise) belongs to Lightning, which checkpoints and requeues the
+    job on it: this callback leaves that signal alone and says so once.
 
     Args:
         signals: signal names to forward (``SIGUSR1``, ``SIGUSR2``, ``SIGINT``, ...).
@@ -29,8 +39,7 @@ class PreemptionSignal(Callback):
 
         trainer:
           callbacks:
-            - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint
-              init_args: {dirpath: runs/interrupted}
+            - class_path: marble_pl.callbacks.InterruptCheckpoint
             - class_path: marble_pl.callbacks.PreemptionSignal
     """
 
@@ -39,18 +48,42 @@ class PreemptionSignal(Callback):
         for name in signals:
             sig = getattr(signal, str(name).upper(), None)
             if not isinstance(sig, signal.Signals):
-                raise ValueError(f"unknown signal {name!r}: use names like 'SIGUSR1' or 'SIGUSR2'")
+                raise ConfigError(f"unknown signal {name!r}: use names like 'SIGUSR1' or 'SIGUSR2'")
             if sig == signal.SIGTERM:
-                raise ValueError("SIGTERM is handled by Lightning itself; list other signals")
+                raise ConfigError("SIGTERM is handled by Lightning itself; list other signals")
             self.signals.append(sig)
         self._previous: dict[signal.Signals, Any] = {}
 
+    received: signal.Signals | None = None
+    """The last signal forwarded in this process (``None``: none)."""
+
     @staticmethod
     def _forward(signum: int, frame: FrameType | None) -> None:
+        PreemptionSignal.received = signal.Signals(signum)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    @staticmethod
+    def lightning_signal(trainer: Trainer) -> signal.Signals | None:
+        """The signal Lightning's SLURM auto-requeue handles in this job, if any."""
+        env = trainer._accelerator_connector.cluster_environment
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
+            return signal.Signals(env.requeue_signal)
+        return None
+
+    def routed(self, trainer: Trainer) -> list[signal.Signals]:
+        """The signals this callback forwards in ``trainer``'s environment."""
+        taken = self.lightning_signal(trainer)
+        return [sig for sig in self.signals if sig != taken]
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for sig in self.signals:
+        taken = self.lightning_signal(trainer)
+        if taken is not None and taken in self.signals:
+            rank_zero_info(
+                f"PreemptionSignal: {taken.name} is Lightning's SLURM requeue signal; left to "
+                "Lightning (checkpoint + requeue)"
+            )
+        PreemptionSignal.received = None
+        for sig in self.routed(trainer):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._forward)
 

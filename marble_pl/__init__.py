@@ -4,4 +4,8 @@ The math lives in small pure modules (:mod:`~marble_pl.advantages`, :mod:`~marbl
 :mod:`~marble_pl.balance`, :mod:`~marble_pl.gradients`); the Lightning glue stays thin.
 """
 
+from marble_pl.notices import install_logging_filters
+
 __version__ = "0.1.0"
+
+install_logging_filters()

@@ -2,26 +2,61 @@
 
 ``marble fit --config configs/tiny.yaml``, ``marble validate --config ... --ckpt_path ...``,
 ``marble fit --print_config``; every class is configured from YAML by ``class_path`` /
-``init_args``, as with any ``LightningCLI``.
+``init_args``, as with any ``LightningCLI``. Configs are read in jsonargparse's ``omegaconf+``
+mode, so a value can interpolate another (``prompt_file: ${data.val_file}``) after every
+override is applied. What marble adds to Lightning's CLI:
+
+- resuming is explicit (:mod:`marble_pl.resume`): a plain ``fit`` starts a new run;
+- user errors print one line, ``marble: error: ...``, and exit with code 2;
+- a run stopped by ``SIGTERM`` (or a signal ``PreemptionSignal`` forwards) exits with
+  ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1) after its checkpoint is written.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-import warnings
+from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from marble_pl.data import PromptDataModule
-from marble_pl.errors import EXIT_USAGE, MarbleUserError
+from marble_pl.errors import EXIT_USAGE, ConfigError, MarbleUserError, RunFolderError
 from marble_pl.module import MarbleModule
+from marble_pl.notices import install_notice_filters
+from marble_pl.resume import plan_resume, run_root
 
 __all__ = ["MarbleCLI", "main"]
 
+PARSER_MODE = "omegaconf"
+"""jsonargparse's OmegaConf mode that resolves ``${...}`` after all configs and overrides merge."""
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One line on stderr from global rank 0: ``marble: <message>``."""
+    sys.stderr.write(f"marble: {message}\n")
+    sys.stderr.flush()
+
+
+def _class_path(spec: Any) -> str:
+    """The ``class_path`` of a callback / logger config entry ('' when it is something else)."""
+    if isinstance(spec, Namespace | dict):
+        value = (
+            spec.get("class_path") if isinstance(spec, dict) else getattr(spec, "class_path", None)
+        )
+        return str(value or "")
+    return type(spec).__module__ + "." + type(spec).__qualname__
+
 
 class MarbleCLI(LightningCLI):
-    """``LightningCLI`` with marble-pl's module and data module as the defaults."""
+    """``LightningCLI`` with marble-pl's module, data module, resume rules and progress bar."""
+
+    current: MarbleCLI | None = None  # the running CLI, for the SIGTERM exit message
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.set_defaults(
@@ -33,13 +68,72 @@ class MarbleCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Marble's resume rules instead of Lightning's, which overwrite ``--model.*`` values
+        with the checkpoint's hyperparameters without a word (:mod:`marble_pl.resume`)."""
+        MarbleCLI.current = self
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        cfg = self.config[subcommand]
+        ckpt = cfg.get("ckpt_path")
+        callbacks = cfg.trainer.get("callbacks") or []
+        if (
+            subcommand == "fit"
+            and not ckpt
+            and any(_class_path(cb).endswith("OnExceptionCheckpoint") for cb in callbacks)
+        ):
+            raise ConfigError(
+                "Lightning's OnExceptionCheckpoint makes every later `marble fit` silently "
+                "resume its file: use marble_pl.callbacks.InterruptCheckpoint instead (it "
+                "writes into the run's own checkpoints/ folder; resume with --ckpt_path)"
+            )
+        if not ckpt:
+            return
+        plan = plan_resume(str(ckpt), cfg.as_dict(), training=subcommand == "fit")
+        cfg.ckpt_path = None if plan.ckpt_path is None else str(plan.ckpt_path)
+        logger = cfg.trainer.get("logger")
+        if plan.version is not None and isinstance(logger, Namespace):
+            init_args = logger.get("init_args")
+            if init_args is not None and init_args.get("version") is None:
+                init_args.version = plan.version  # continue in the run's own folder
+        if plan.message:
+            say(plan.message)
 
-# Lightning warnings that are expected here, not the user's problem: the VAE and text encoders
-# stay in eval mode on purpose, and checkpoints are taken after the manual optimizer step.
-_EXPECTED_WARNINGS = (
-    r".*module\(s\) in eval mode at the start of training.*",
-    r".*ModelCheckpoint with manual optimization and every_n_train_steps.*",
-)
+    def before_instantiate_classes(self) -> None:
+        """Check the run folder is writable and add marble's progress bar, before any model."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        trainer = self.config[subcommand].trainer
+        root = run_root(trainer.get("logger"), trainer.get("default_root_dir"))
+        check_run_folder(root if root is not None else trainer.get("default_root_dir") or ".")
+        callbacks = trainer.get("callbacks") or []
+        has_bar = any("ProgressBar" in _class_path(cb) for cb in callbacks)
+        if trainer.get("enable_progress_bar") is not False and not has_bar:
+            from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+            name = "MarbleProgressBar" if _RICH_AVAILABLE else "MarbleTQDMProgressBar"
+            bar = Namespace(class_path=f"marble_pl.callbacks.{name}", init_args=Namespace())
+            trainer.callbacks = [*callbacks, bar]
+
+
+def check_run_folder(path: Any) -> None:
+    """Create ``path`` and write a probe file there, or raise :class:`RunFolderError`."""
+    from pathlib import Path
+
+    folder = Path(str(path)).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".marble-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"cannot write to the run folder {str(folder)!r} ({err.strerror or err}): make it "
+            "writable (in Docker: mount a folder your uid owns), or set another one with "
+            "--trainer.logger.init_args.save_dir"
+        ) from None
 
 
 def _debug() -> bool:
@@ -47,12 +141,20 @@ def _debug() -> bool:
     return os.environ.get("MARBLE_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _interrupted_exit_code() -> int:
+    """``128 + signal``: the signal that stopped the run (``PreemptionSignal`` records its own)."""
+    from marble_pl.callbacks.preemption import PreemptionSignal
+
+    signum = PreemptionSignal.received or signal.SIGTERM
+    return 128 + int(signum)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``marble`` console script: user errors become one line, exit code 2.
 
     A :class:`~marble_pl.errors.MarbleUserError` (bad config value, input file, weights,
     checkpoint) is printed as ``marble: error: <what, and the fix>``; ``MARBLE_DEBUG=1`` re-raises
-    it with its traceback.
+    it with its traceback. A run stopped by a signal exits ``128 + signal`` after its checkpoint.
     """
     try:
         _main(args)
@@ -62,6 +164,17 @@ def main(args: list[str] | None = None) -> None:
         message = " ".join(str(err).split())
         sys.stderr.write(f"marble: error: {message}\n")
         raise SystemExit(EXIT_USAGE) from None
+    except SIGTERMException:
+        code = _interrupted_exit_code()
+        cli = MarbleCLI.current
+        trainer = getattr(cli, "trainer", None) if cli is not None else None
+        step = f" at step {trainer.global_step}" if trainer is not None else ""
+        name = signal.Signals(code - 128).name
+        say(
+            f"stopped by {name}{step} (exit code {code}); resume with the same command plus "
+            "--ckpt_path last"
+        )
+        raise SystemExit(code) from None
 
 
 def _main(args: list[str] | None = None) -> None:
@@ -71,13 +184,13 @@ def _main(args: list[str] | None = None) -> None:
         from marble_pl.export import main as export_main
 
         raise SystemExit(export_main(list(argv[1:])))
-    for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+    install_notice_filters()
     MarbleCLI(
         MarbleModule,
         PromptDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": PARSER_MODE},
         args=args,
     )
 
