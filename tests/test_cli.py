@@ -53,7 +53,8 @@ def marble(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def events(log_dir: Path) -> EventAccumulator:
-    (event_file,) = log_dir.glob("events.out.tfevents.*")
+    """The newest event file of a run folder (a resumed run appends a second one)."""
+    event_file = max(log_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
     acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
     return acc
@@ -99,8 +100,10 @@ def test_fit_tiny_writes_tensorboard_and_resumes(tmp_path, tiny_sd3_path):
     assert any("CoefficientEMA" in k for k in state["callbacks"])
 
     frac = values["cos/frac_min_negative"][-1]
-    marble("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}", cwd=ROOT)
-    resumed = tmp_path / "runs" / "tiny" / "version_1"
+    proc = marble("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}", cwd=ROOT)
+    assert f"marble: resuming {ckpt} (step 2) in {run}" in proc.stderr
+    resumed = run  # a resume continues in the run's own folder
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     state = torch.load(
         resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
