@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import Any
 
 from jsonargparse import Namespace
@@ -97,6 +98,7 @@ class MarbleCLI(LightningCLI):
             init_args = logger.get("init_args")
             if init_args is not None and init_args.get("version") is None:
                 init_args.version = plan.version  # continue in the run's own folder
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
         if plan.message:
             say(plan.message)
 

@@ -3,7 +3,9 @@
 - transformers' "``SiglipImageProcessor`` requires torchvision ... falling back" notices come
   from diffusers importing IP-adapter processors that marble-pl never uses: dropped.
 - diffusers' "The following part of your input was truncated ..." repeats the cut text on every
-  encode (800 KB for one 50,000-character prompt): said once, in one line, without the text.
+  encode (800 KB for one 50,000-character prompt), and each tokenizer adds its own "Token indices
+  sequence length is longer ...": said once, in one line, without the text.
+- Lightning's "Tip" advertising its hosted logger: dropped.
 - Lightning's "module(s) in eval mode" (the frozen VAE and text encoders stay in eval mode on
   purpose) and "ModelCheckpoint with manual optimization and every_n_train_steps" (checkpoints
   are taken after the manual optimizer step, which is what we want) and torch's ``LeafSpec``
@@ -18,7 +20,8 @@ import warnings
 __all__ = ["install_logging_filters", "install_notice_filters"]
 
 _TORCHVISION_FALLBACK = "requires torchvision"
-_TRUNCATED = "part of your input was truncated"
+_TRUNCATED = ("part of your input was truncated", "Token indices sequence length is longer")
+_LITLOGGER_TIP = "litlogger"
 
 _EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
@@ -34,6 +37,13 @@ class _DropTorchvisionFallback(logging.Filter):
         return _TORCHVISION_FALLBACK not in str(record.msg)
 
 
+class _DropLitloggerTip(logging.Filter):
+    """Drop Lightning's advertisement for its hosted logger (nothing to act on in a run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LITLOGGER_TIP not in str(record.msg)
+
+
 class _TruncationOnce(logging.Filter):
     """Let the first prompt-truncation warning through in one short line, drop the rest."""
 
@@ -42,7 +52,7 @@ class _TruncationOnce(logging.Filter):
         self.seen = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _TRUNCATED not in str(record.msg):
+        if not any(pattern in str(record.msg) for pattern in _TRUNCATED):
             return True
         self.seen += 1
         if self.seen > 1:
@@ -65,9 +75,12 @@ def install_logging_filters() -> None:
         return
     _installed = True
     logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallback())
+    truncation = _TruncationOnce()  # one counter for the tokenizers' and the pipeline's notices
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(truncation)
     logging.getLogger(
         "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3"
-    ).addFilter(_TruncationOnce())
+    ).addFilter(truncation)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitloggerTip())
 
 
 def install_notice_filters() -> None:

@@ -182,12 +182,16 @@ def test_rerun_starts_a_new_run_and_resume_applies_or_refuses_changes(
 class _CrashAt(Callback):
     """Raise in ``on_train_batch_end`` at a given step (a crashing reward, say)."""
 
-    def __init__(self, step: int | None = None, in_setup: bool = False) -> None:
-        self.step, self.in_setup = step, in_setup
+    def __init__(self, step: int | None = None, in_setup: bool = False, first: bool = False):
+        self.step, self.in_setup, self.first = step, in_setup, first
 
     def setup(self, trainer: Trainer, pl_module: object, stage: str) -> None:
         if self.in_setup:
             raise RuntimeError("boom in setup")
+
+    def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+        if self.first:
+            raise RuntimeError("boom before the first step")
 
     def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
@@ -217,7 +221,7 @@ def test_interrupt_checkpoint_never_at_setup_never_overwritten_never_deleted(tmp
     stamp = first.stat().st_mtime_ns
 
     # Resumed and crashed again before any new step: the checkpoint stays as it was.
-    _fit_boring(tmp_path, _CrashAt(step=3), ckpt_path=str(first))
+    _fit_boring(tmp_path, _CrashAt(first=True), ckpt_path=str(first))
     assert first.stat().st_mtime_ns == stamp
 
     # A later interrupt writes a new file, and only then drops the superseded one.
