@@ -7,6 +7,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from marble_pl.errors import ConfigError
 from marble_pl.export import LORA_WEIGHT_NAME, export_lora
 
 __all__ = ["LoraExport"]
@@ -36,16 +37,19 @@ class LoraExport(Callback):
 
     def __init__(self, dirname: str = "lora") -> None:
         if not dirname or Path(dirname).is_absolute():
-            raise ValueError(
+            raise ConfigError(
                 f"LoraExport(dirname=...) must be a relative directory name, got {dirname!r}"
             )
         self.dirname = dirname
         self.path: Path | None = None  # the file written, once training has ended
+        self.log_dir: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the log dir here, on every rank: ``trainer.log_dir`` is a collective."""
+        self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        root = Path(log_dir if log_dir is not None else trainer.default_root_dir)
-        out = root / self.dirname
+        out = (self.log_dir or Path(trainer.default_root_dir)) / self.dirname
         if trainer.is_global_zero:
             self.path = export_lora(pl_module, out)
             rank_zero_info(f"LoraExport: LoRA weights written to {self.path}")

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from marble_pl.data import read_prompts
+from marble_pl.errors import ConfigError
 from marble_pl.grid import image_grid, save_png
 from marble_pl.models import DEFAULT_ADAPTER
 
@@ -24,7 +25,8 @@ class SampleGrid(Callback):
     policy (``v_theta``) with the module's rollout settings. The grid goes to TensorBoard
     (``samples/<name>``) with a text summary of every image's K reward scores
     (``samples/<name>/scores``), and to ``<log_dir>/samples/<name>_step<step>.png``. The same
-    step of the same run gives byte-identical PNGs.
+    step of the same run gives byte-identical PNGs. Under DDP only global rank 0 samples and
+    writes (one PNG per step); the other ranks skip the work.
 
     Args:
         prompts: the prompts, or ``prompt_file`` (``.txt`` / ``.jsonl``); at most ``max_prompts``.
@@ -52,11 +54,11 @@ class SampleGrid(Callback):
         max_prompts: int = 8,
     ) -> None:
         if (prompts is None) == (prompt_file is None):
-            raise ValueError("give exactly one of `prompts` or `prompt_file` to SampleGrid")
+            raise ConfigError("give exactly one of `prompts` or `prompt_file` to SampleGrid")
         if prompts is not None and not list(prompts):
-            raise ValueError("SampleGrid got an empty prompt list")
+            raise ConfigError("SampleGrid got an empty prompt list")
         if every_n_steps < 0 or images_per_prompt < 1 or max_prompts < 1:
-            raise ValueError(
+            raise ConfigError(
                 "SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1, max_prompts >= 1; "
                 f"got {every_n_steps}, {images_per_prompt}, {max_prompts}"
             )
@@ -67,7 +69,12 @@ class SampleGrid(Callback):
         self.seed = seed
         self.name = name
         self.last_path: Path | None = None
+        self.log_dir: Path | None = None
         self._last_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the log dir here, on every rank: ``trainer.log_dir`` is a collective."""
+        self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -82,17 +89,21 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def render(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
-        """Sample, score and log the grid for the current step (rank 0 writes)."""
+        """Sample, score and log the grid for the current step on global rank 0 only.
+
+        The other ranks return at once; nothing here is a collective (``pl_module.sample`` runs
+        the bare transformer, not the DDP wrapper; the log dir was resolved in :meth:`setup`).
+        """
         step = trainer.global_step
         self._last_step = step
+        if not trainer.is_global_zero:
+            return None
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         out = pl_module.sample(prompts, generator, adapter=DEFAULT_ADAPTER)
         scores = pl_module.score(out.images, prompts)
-        if not trainer.is_global_zero:
-            return None
         grid = image_grid(out.images, ncol=self.images_per_prompt)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = self.log_dir or Path(trainer.default_root_dir)
         self.last_path = save_png(grid, log_dir / "samples" / f"{self.name}_step{step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

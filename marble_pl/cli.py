@@ -59,6 +59,12 @@ class MarbleCLI(LightningCLI):
 
     current: MarbleCLI | None = None  # the running CLI, for the SIGTERM exit message
 
+    def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        """As ``LightningCLI``; configs are parsed in :data:`PARSER_MODE` unless told otherwise."""
+        parser_kwargs = dict(parser_kwargs or {})
+        parser_kwargs.setdefault("parser_mode", PARSER_MODE)
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.set_defaults(
             {
@@ -192,7 +198,6 @@ def _main(args: list[str] | None = None) -> None:
         PromptDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": PARSER_MODE},
         args=args,
     )
 

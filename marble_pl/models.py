@@ -15,7 +15,7 @@ import string
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "lora_parameters",
     "read_model_index",
     "tiny_clip_tokenizer",
+    "tiny_sd3_is_complete",
     "tiny_sd3_pipeline",
     "tiny_t5_tokenizer",
     "use_adapter",
@@ -404,26 +405,103 @@ def build_tiny_sd3(path: str | os.PathLike[str], *, seed: int = 0, with_t5: bool
     return out
 
 
-def ensure_tiny_sd3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """Build the tiny SD3 pipeline at ``path`` unless ``path/model_index.json`` already exists.
+_SCHEDULER_CONFIG = "scheduler_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-    Lets the CPU smoke config point at a directory that is created on first use. Builds into a
-    sibling temp directory and renames it into place, so concurrent ranks cannot interleave.
+
+def _weights_readable(path: Path) -> bool:
+    """A weights file that is whole: a safetensors header fully present, or a non-empty ``.bin``."""
+    size = path.stat().st_size
+    if path.suffix != ".safetensors":
+        return size > 0
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    return len(head) == 8 and 8 + int.from_bytes(head, "little") <= size
+
+
+def _component_complete(folder: Path, class_name: str) -> bool:
+    """Whether one component subfolder holds its config and, for a model, whole weights."""
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    if "Tokenizer" in class_name:
+        return "tokenizer_config.json" in names
+    if "Scheduler" in class_name:
+        return _SCHEDULER_CONFIG in names
+    weights = [folder / n for n in names if n.endswith(_WEIGHT_SUFFIXES)]
+    return "config.json" in names and bool(weights) and all(map(_weights_readable, weights))
+
+
+def tiny_sd3_is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a whole saved pipeline: model_index.json and every component it lists.
+
+    A folder cut short (a crashed build, a rank that saved nothing) must be rebuilt, not loaded.
+    """
+    root = Path(path)
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    entries = {k: v for k, v in index.items() if not k.startswith("_") and _present(v)}
+    if any(k not in entries for k in _REQUIRED):
+        return False
+    return all(_component_complete(root / k, str(v[1])) for k, v in entries.items())
+
+
+def _rename_into_place(src: Path, out: Path) -> bool:
+    """Atomically rename ``src`` to a missing or empty ``out``; False when ``out`` holds files."""
+    with suppress(OSError):  # only an empty directory goes; racing another builder is harmless
+        out.rmdir()
+    try:
+        os.rename(src, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        return False
+    return True
+
+
+def _replace_components(src: Path, out: Path) -> None:
+    """Move each built entry over its namesake in ``out`` (other files stay), model_index last.
+
+    The stale model_index.json goes first, so a crash in between leaves a folder that
+    :func:`tiny_sd3_is_complete` rejects.
+    """
+    (out / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(src.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.rename(entry, target)
+
+
+def ensure_tiny_sd3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Build the tiny SD3 pipeline at ``path`` unless a complete one is already there.
+
+    Lets the CPU smoke config point at a directory that is created on first use. A half-written
+    folder (see :func:`tiny_sd3_is_complete`) is rebuilt, never loaded. Builds into a sibling
+    temp directory and renames it into place, so a reader never sees a partial folder. Under
+    ``torch.distributed`` call it on global rank 0 only (transformers saves text encoders on
+    rank 0 only) and have the other ranks wait at a barrier: ``MarbleModule`` does so.
     """
     out = Path(path)
-    if (out / "model_index.json").is_file():
+    if tiny_sd3_is_complete(out):
         return out
-    if out.is_dir() and any(out.iterdir()):
-        return build_tiny_sd3(out, **kwargs)  # a user directory with other files: write into it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         build_tiny_sd3(tmp, **kwargs)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        os.rename(tmp, out)
+        if not tiny_sd3_is_complete(tmp):
+            raise ModelLoadError(
+                f"Building the tiny SD3 pipeline at {out} wrote an incomplete folder (under "
+                "torch.distributed, transformers saves on global rank 0 only: build it there)."
+            )
+        if not _rename_into_place(tmp, out) and not tiny_sd3_is_complete(out):
+            _replace_components(tmp, out)  # a half-written folder, or one with other files
     except OSError:
-        if not (out / "model_index.json").is_file():  # not another rank winning the race
+        if not tiny_sd3_is_complete(out):  # not another process winning the race
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

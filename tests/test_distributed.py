@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
+
+from marble_pl.models import tiny_sd3_is_complete
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_run.py"
+REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"prompt {i}: a {c} object" for i, c in enumerate(["red", "green", "blue", "white"])]
 
 
@@ -62,3 +70,92 @@ def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_pat
         torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
     moved = [k for k, v in ref["lora"].items() if ".default." in k]
     assert moved
+
+
+# Callback periods shortened for a 4-step run: every callback still fires, some more than once.
+PERIODS = ("every_n_steps", "every_n_train_steps", "audit_every_n_steps")
+FIT_STEPS, PERIOD = 4, 2
+
+
+def shortened_tiny_config(src: Path, dst: Path) -> None:
+    """configs/tiny.yaml with every callback and the logger kept, only their periods shortened."""
+    config = yaml.safe_load(src.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        args = callback.get("init_args") or {}
+        for key in PERIODS:
+            if args.get(key):
+                args[key] = min(args[key], PERIOD)
+    config["trainer"].update(val_check_interval=PERIOD, limit_val_batches=1)
+    dst.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def marble_command() -> list[str]:
+    """The installed ``marble`` console script next to this Python, else ``python -m``."""
+    script = Path(sys.executable).with_name("marble")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "marble_pl.cli"]
+
+
+def run_to_completion(args: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+    """Run a command in its own process group; on timeout kill the whole group and fail."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the DDP launcher's children are in the group
+        output, _ = proc.communicate()
+        pytest.fail(f"`{' '.join(args)}` hung for {timeout}s; output tail:\n{output[-5000:]}")
+    return proc.returncode, output
+
+
+def render_steps(config: dict[str, Any], steps: int) -> list[int]:
+    """The steps at which SampleGrid renders: its period, and the end of training."""
+    (grid,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SampleGrid")]
+    every = (grid.get("init_args") or {}).get("every_n_steps", 0)
+    periodic = {s for s in range(1, steps + 1) if every and s % every == 0}
+    return sorted(periodic | {steps})
+
+
+def saved_run_dir(root: Path) -> Path:
+    """The one run folder under ``root``: where the CLI saved the resolved config.yaml."""
+    saved = [p for p in root.rglob("config.yaml") if p.relative_to(root).parts[0] != "configs"]
+    assert len(saved) == 1, saved
+    return saved[0].parent
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_marble_fit_tiny_config_with_two_ddp_processes(tmp_path: Path) -> None:
+    # A fresh folder: both ranks reach the tiny-model build, and every shipped callback (sample
+    # grid, LoRA export, checkpoints, ...) and the TensorBoard logger run under gloo DDP.
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shortened_tiny_config(
+        tmp_path / "configs" / "tiny.yaml", tmp_path / "configs" / "tiny_ddp.yaml"
+    )
+    args = ["fit", "--config", "configs/tiny_ddp.yaml", "--trainer.devices", "2"]
+    args += ["--trainer.strategy", "ddp", "--trainer.max_steps", str(FIT_STEPS)]
+    code, output = run_to_completion(marble_command() + args, tmp_path, timeout=420)
+
+    assert code == 0, output[-5000:]
+    assert "Traceback" not in output, output[-5000:]
+    log_dir = saved_run_dir(tmp_path)  # one run, written once (by rank 0)
+    resolved = yaml.safe_load((log_dir / "config.yaml").read_text())  # interpolations resolved
+    assert [p.name for p in log_dir.parent.iterdir()] == [log_dir.name]
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+    model = tmp_path / resolved["model"]["pretrained_model_name_or_path"]
+    assert tiny_sd3_is_complete(model)
+    assert [p.name for p in model.parent.glob(f".{model.name}.*")] == []  # no temp build left
+    assert (log_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pngs = sorted(log_dir.rglob("*.png"))
+    steps = [int(re.search(r"_step(\d+)\.png$", p.name).group(1)) for p in pngs]
+    assert steps == render_steps(resolved, FIT_STEPS)  # one PNG per render step
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert [p.name for p in checkpoints].count("last.ckpt") == 1, checkpoints

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from marble_pl.models import (
     load_sd3,
     lora_parameters,
     read_model_index,
+    tiny_sd3_is_complete,
     tiny_sd3_pipeline,
     use_adapter,
 )
@@ -297,3 +299,44 @@ def test_ensure_tiny_sd3_fills_an_existing_empty_directory(tmp_path: Path) -> No
     ensure_tiny_sd3(target)
     assert (target / "model_index.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temp directory left behind
+
+
+def _drop_transformer_weights(root: Path) -> None:
+    (root / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+
+
+def _keep_only_model_index(root: Path) -> None:
+    for child in root.iterdir():
+        if child.name != "model_index.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _empty_text_encoders(root: Path) -> None:
+    """What a non-zero DDP rank's build left: transformers saves on global rank 0 only."""
+    for name in ("text_encoder", "text_encoder_2"):
+        shutil.rmtree(root / name)
+        (root / name).mkdir()
+
+
+@pytest.mark.parametrize(
+    "damage", [_drop_transformer_weights, _keep_only_model_index, _empty_text_encoders]
+)
+def test_ensure_tiny_sd3_rebuilds_a_half_written_folder(tmp_path: Path, damage) -> None:
+    target = tmp_path / "tiny"
+    ensure_tiny_sd3(target)
+    damage(target)
+    assert not tiny_sd3_is_complete(target)
+    ensure_tiny_sd3(target)
+    assert tiny_sd3_is_complete(target)
+    assert load_sd3(str(target), local_files_only=True).transformer.config.num_layers == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temp or stale folder left
+
+
+def test_ensure_tiny_sd3_keeps_foreign_files_when_rebuilding(tmp_path: Path) -> None:
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    (target / "model_index.json").write_text("{}")  # a crashed in-place build
+    ensure_tiny_sd3(target)
+    assert tiny_sd3_is_complete(target)
+    assert (target / "notes.txt").read_text() == "keep me"
