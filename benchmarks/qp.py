@@ -11,8 +11,10 @@ LoRA-like scale (gradient norms around 1e-5), in two families:
 Each family is a *sequence* of slowly changing Grams (each gradient drifts by a few percent per
 step, like consecutive training steps). Every Gram is solved four ways:
 
-* ``cold``: a new :class:`~marble_pl.balance.MinNormSolver` per call (OSQP setup + solve);
-* ``warm``: one solver reused along the sequence (``update(Px=...)`` + warm start), as in training;
+* ``cold``: a new :class:`~marble_pl.balance.MinNormSolver` per call (no warm start);
+* ``warm``: one solver along the sequence, as in training: each call is warm-started from the
+  previous solution ``x`` (OSQP's workspace is set up afresh every call either way, so a resumed
+  run solves bit for bit like an uninterrupted one; only the warm start differs from ``cold``);
 * ``SLSQP``: :func:`scipy.optimize.minimize` on the same trace-normalised problem;
 * ``FW``: the package's pairwise Frank-Wolfe (:func:`~marble_pl.balance.frank_wolfe_min_norm`).
 
@@ -21,7 +23,7 @@ The relative objective gap is ``(f_osqp - f_ref) / max(f_ref, 1e-8 * mean diag M
 Frank-Wolfe: positive means OSQP is worse than the independent solvers. The floor matters only for
 rank-deficient Grams whose minimum is 0 (the origin lies in the gradients' hull), where a relative
 gap is meaningless; the table also gives the gap divided by the mean diagonal (scale-free). Times are wall-clock
-milliseconds of the whole call (for ``cold`` including the OSQP setup).
+milliseconds of the whole call (OSQP setup included for both).
 
 Usage::
 

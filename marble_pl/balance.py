@@ -130,15 +130,56 @@ def frank_wolfe_min_norm(
     return project_to_simplex(lam)
 
 
-class MinNormSolver:
-    """OSQP min-norm QP ``min lambda^T M lambda`` on the simplex, set up once and re-used.
+#: OSQP's "adapt rho every ``adaptive_rho_interval`` iterations" mode (``OSQP_ADAPTIVE_RHO_UPDATE_
+#: ITERATIONS``). Pinned: the alternatives (``2``, time based; ``adaptive_rho_interval=0`` before
+#: osqp 1.0) adapt rho after a fraction of the measured setup *time*, which makes the iterates,
+#: and so the last bits of the coefficients, depend on the machine's load.
+ADAPTIVE_RHO_ITERATIONS = 1
 
-    ``P = 2 M`` (dense upper triangle, fixed sparsity so later calls only ``update(Px=...)``),
-    ``q = 0``, constraints ``sum lambda = 1`` and ``lambda >= 0``. The Gram is divided by its mean
-    diagonal first: raw LoRA Grams (norms ~1e-5) otherwise stop OSQP at a feasible but wrong
-    point. The previous solution warm-starts the next solve. When OSQP does not report
-    ``solved``, the documented fallback is :func:`frank_wolfe_min_norm` started from OSQP's
-    projected iterate (``fallback=True``, status kept for the metric).
+
+@dataclass(frozen=True)
+class _QPStructure:
+    """The parts of the QP that depend only on K: the index pattern of P's upper triangle, A, l, u."""
+
+    rows: np.ndarray
+    indptr: np.ndarray
+    cols: np.ndarray
+    a: sp.csc_matrix
+    lower: np.ndarray
+    upper: np.ndarray
+
+    @classmethod
+    def for_k(cls, k: int) -> _QPStructure:
+        """Constraints ``sum lambda = 1`` (row 0) and ``lambda >= 0`` (rows 1..K); dense triu(P)."""
+        return cls(
+            rows=np.concatenate([np.arange(j + 1) for j in range(k)]),
+            indptr=np.concatenate([[0], np.cumsum(np.arange(1, k + 1))]),
+            cols=np.concatenate([np.full(j + 1, j) for j in range(k)]),
+            a=sp.csc_matrix(np.vstack([np.ones((1, k)), np.eye(k)])),
+            lower=np.concatenate([[1.0], np.zeros(k)]),
+            upper=np.concatenate([[1.0], np.full(k, np.inf)]),
+        )
+
+    def p_upper(self, m: np.ndarray) -> sp.csc_matrix:
+        """``P = 2 M`` as its dense upper triangle in CSC form."""
+        k = m.shape[0]
+        return sp.csc_matrix((2.0 * m[self.rows, self.cols], self.rows, self.indptr), shape=(k, k))
+
+
+class MinNormSolver:
+    """OSQP min-norm QP ``min lambda^T M lambda`` on the simplex, warm-started from the last solution.
+
+    ``P = 2 M`` (dense upper triangle), ``q = 0``, constraints ``sum lambda = 1`` and
+    ``lambda >= 0``. The Gram is divided by its mean diagonal first: raw LoRA Grams (norms ~1e-5)
+    otherwise stop OSQP at a feasible but wrong point. When OSQP does not report ``solved``, the
+    documented fallback is :func:`frank_wolfe_min_norm` started from OSQP's projected iterate
+    (``fallback=True``, status kept for the metric).
+
+    Deterministic for exact resume: every call sets up a fresh OSQP workspace (builtin algebra,
+    rho adapted on a fixed iteration interval, never on timing) warm-started from ``x =
+    last_weights`` only, so the result is a function of the Gram and ``last_weights`` (which
+    checkpoints save as ``qp_warm_start``). A workspace kept across calls would carry its dual
+    iterate, adapted rho and re-scaled data into the next solve, state a checkpoint does not hold.
     """
 
     def __init__(self, eps_abs: float = 1e-9, eps_rel: float = 1e-9, max_iter: int = 10_000):
@@ -149,25 +190,30 @@ class MinNormSolver:
             "polishing": True,
             "verbose": False,
             "warm_starting": True,
+            "adaptive_rho": ADAPTIVE_RHO_ITERATIONS,
+            "adaptive_rho_interval": 50,
         }
-        self._solver: osqp.OSQP | None = None
-        self._k = 0
+        self._structure: _QPStructure | None = None
         self.last_weights: np.ndarray | None = None
 
-    def _upper(self, m: np.ndarray) -> sp.csc_matrix:
-        k = m.shape[0]
-        rows = np.concatenate([np.arange(j + 1) for j in range(k)])
-        cols = np.concatenate([np.full(j + 1, j) for j in range(k)])
-        indptr = np.concatenate([[0], np.cumsum(np.arange(1, k + 1))])
-        return sp.csc_matrix((2.0 * m[rows, cols], rows, indptr), shape=(k, k))
+    def _structure_for(self, k: int) -> _QPStructure:
+        """The cached K-only part of the problem (rebuilt when K changes)."""
+        if self._structure is None or self._structure.a.shape[1] != k:
+            self._structure = _QPStructure.for_k(k)
+        return self._structure
 
-    def _setup(self, p: sp.csc_matrix, k: int) -> None:
-        a = sp.csc_matrix(np.vstack([np.ones((1, k)), np.eye(k)]))
-        lower = np.concatenate([[1.0], np.zeros(k)])
-        upper = np.concatenate([[1.0], np.full(k, np.inf)])
-        self._solver = osqp.OSQP()
-        self._solver.setup(P=p, q=np.zeros(k), A=a, l=lower, u=upper, **self.settings)
-        self._k = k
+    def _solve_osqp(self, m: np.ndarray, init: np.ndarray | None) -> tuple[str, np.ndarray]:
+        """One solve in a new workspace, warm-started from ``init`` (primal only); status and x."""
+        k = m.shape[0]
+        qp = self._structure_for(k)
+        solver = osqp.OSQP(algebra="builtin")  # never an installed MKL/CUDA backend's numerics
+        solver.setup(
+            P=qp.p_upper(m), q=np.zeros(k), A=qp.a, l=qp.lower, u=qp.upper, **self.settings
+        )
+        if init is not None and len(init) == k:
+            solver.warm_start(x=np.asarray(init, dtype=np.float64))
+        result = solver.solve(raise_error=False)
+        return str(result.info.status), np.asarray(result.x, dtype=np.float64)
 
     def __call__(
         self, gram: np.ndarray | Tensor, warm_start: np.ndarray | None = None
@@ -182,21 +228,10 @@ class MinNormSolver:
             weights = np.full(k, 1.0 / k)
             return BalanceResult(weights, "zero_gram", time.perf_counter() - start, True)
         m = m / scale
-        p = self._upper(m)
+        init = warm_start if warm_start is not None else self.last_weights
         try:
-            if self._solver is None or self._k != k:
-                self._setup(p, k)
-            else:
-                self._solver.update(Px=p.data)
-            assert self._solver is not None
-            init = warm_start if warm_start is not None else self.last_weights
-            if init is not None and len(init) == k:
-                self._solver.warm_start(x=np.asarray(init, dtype=np.float64))
-            result = self._solver.solve(raise_error=False)
-            status = str(result.info.status)
-            x = np.asarray(result.x, dtype=np.float64)
-        except Exception as err:  # a broken OSQP workspace must not stop training
-            self._solver = None
+            status, x = self._solve_osqp(m, init)
+        except Exception as err:  # a failing OSQP must not stop training
             status, x = f"error: {type(err).__name__}: {err}", np.full(k, np.nan)
         ok = status == "solved" and bool(np.all(np.isfinite(x)))
         if ok:
@@ -208,9 +243,7 @@ class MinNormSolver:
         return BalanceResult(weights, status, time.perf_counter() - start, not ok)
 
     def reset(self) -> None:
-        """Forget the warm start and the OSQP workspace."""
-        self._solver = None
-        self._k = 0
+        """Forget the warm start (the only state that carries from one solve to the next)."""
         self.last_weights = None
 
 
@@ -221,7 +254,7 @@ def min_norm_coefficients(
 ) -> BalanceResult:
     """MARBLE's coefficients: the min-norm point of the gradients' convex hull (OSQP).
 
-    Pass the same ``solver`` across steps to re-use OSQP's factorisation and warm start.
+    Pass the same ``solver`` across steps to warm-start each solve from the previous solution.
     """
     return (solver or MinNormSolver())(gram, warm_start=warm_start)
 

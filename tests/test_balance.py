@@ -147,6 +147,51 @@ def test_solver_reuse_and_warm_start_match_cold():
     assert solver(np.eye(3)).weights.shape == (3,)
 
 
+def _drifting_grams(k: int, steps: int, seed: int) -> list[np.ndarray]:
+    """Grams of LoRA-scale gradients that drift a few percent per step, like training steps."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(k, 64)) * 1e-5
+    grams = []
+    for _ in range(steps):
+        grams.append(g @ g.T)
+        g = g + 0.03 * rng.normal(size=g.shape) * np.linalg.norm(g, axis=1, keepdims=True) / 8
+    return grams
+
+
+@pytest.mark.parametrize("k", [2, 5, 8])
+def test_resumed_solver_is_bit_identical_to_a_long_lived_one(k):
+    """Exact resume: only ``last_weights`` (saved as ``qp_warm_start``) carries between solves."""
+    grams = _drifting_grams(k, 30, seed=k)
+    long_lived = MinNormSolver()
+    expected = [long_lived(m).weights for m in grams]
+    previous = None
+    for step, m in enumerate(grams):
+        fresh = MinNormSolver()  # as after loading a checkpoint: a new module, its saved warm start
+        if previous is not None:
+            fresh.last_weights = np.asarray(previous.tolist(), dtype=np.float64)
+        previous = fresh(m).weights
+        assert np.array_equal(previous, expected[step]), step  # bit for bit, not approximately
+
+
+def test_solver_result_ignores_unrelated_earlier_solves():
+    """A solve depends on its Gram and warm start, not on what the solver object solved before."""
+    grams = _drifting_grams(4, 5, seed=0)
+    busy = MinNormSolver()
+    for m in _drifting_grams(4, 20, seed=1):
+        busy(m)
+    busy.last_weights = None
+    assert all(np.array_equal(busy(m).weights, MinNormSolver()(m).weights) for m in grams[:1])
+    repeated = [MinNormSolver()(grams[0], warm_start=np.full(4, 0.25)).weights for _ in range(5)]
+    assert all(np.array_equal(w, repeated[0]) for w in repeated)
+
+
+def test_osqp_settings_do_not_depend_on_timing():
+    """Rho adapts on a fixed iteration interval (``0`` / mode 2 would use the setup time)."""
+    settings = MinNormSolver().settings
+    assert settings["adaptive_rho"] == 1  # OSQP_ADAPTIVE_RHO_UPDATE_ITERATIONS
+    assert settings["adaptive_rho_interval"] > 0
+
+
 def test_fallback_when_osqp_does_not_solve():
     solver = MinNormSolver(max_iter=1)
     g = np.random.default_rng(1).normal(size=(4, 6))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,13 @@ def _run(model_path, steps, ckpt_dir, ckpt_path=None):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd3_path):
     full, rec_full, ema_full, cos_full = _run(tiny_sd3_path, 4, tmp_path / "full")
     _, rec_a, _, _ = _run(tiny_sd3_path, 2, tmp_path / "part")
-    resumed, rec_b, ema_b, cos_b = _run(
-        tiny_sd3_path, 4, tmp_path / "resumed", ckpt_path=tmp_path / "part" / "last.ckpt"
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, rec_b, ema_b, cos_b = _run(
+            tiny_sd3_path, 4, tmp_path / "resumed", ckpt_path=tmp_path / "part" / "last.ckpt"
+        )
+    # Lightning saved and restored the train loader's position: no "not resumable" warning.
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     # The same prompts in the same order (mid-epoch resume), the same coefficients and losses...
     assert rec_a.prompts + rec_b.prompts == rec_full.prompts
     assert rec_a.weights + rec_b.weights == rec_full.weights
@@ -92,20 +97,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_sd3_pat
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_the_run_resumes(tmp_path, tiny_sd3_path):
+def test_sigusr1_checkpoints_exits_138_and_the_run_resumes_in_its_folder(tmp_path, tiny_sd3_path):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     for cb in config["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("OnExceptionCheckpoint"):
-            cb["init_args"]["dirpath"] = str(tmp_path / "interrupted")
-        if cb["class_path"].endswith("SampleGrid"):
-            cb["init_args"]["prompt_file"] = str(ROOT / "configs/prompts/tiny_val.txt")
         if cb["class_path"].endswith(".ModelCheckpoint"):
-            cb["init_args"].update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1)
+            cb["init_args"].update(every_n_train_steps=1)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     config["trainer"]["max_steps"] = 10_000
     config["model"]["pretrained_model_name_or_path"] = str(tiny_sd3_path)
     config["data"]["train_file"] = str(ROOT / "configs/prompts/tiny_train.txt")
-    config["data"]["val_file"] = None
+    config["data"]["val_file"] = str(ROOT / "configs/prompts/tiny_val.txt")
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -113,27 +114,33 @@ def test_sigusr1_checkpoints_and_the_run_resumes(tmp_path, tiny_sd3_path):
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    run = tmp_path / "runs" / "tiny" / "version_0"
     deadline = time.monotonic() + 300
-    while not (tmp_path / "ckpt" / "last.ckpt").exists():
+    while not (run / "checkpoints" / "last.ckpt").exists():
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
-    saved = tmp_path / "interrupted" / "on_exception.ckpt"
-    assert saved.exists(), out[-4000:]
+    assert proc.returncode == 128 + signal.SIGUSR1, out[-4000:]  # 138: not a finished run
+    assert "stopped by SIGUSR1" in out.strip().splitlines()[-1]
+    (saved,) = (run / "checkpoints").glob("interrupted-step=*.ckpt")
     step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert 1 <= step < 10_000
+    assert saved.name == f"interrupted-step={step:06d}.ckpt"
     resume = subprocess.run(
-        [*cmd, f"--trainer.max_steps={step + 1}", f"--ckpt_path={saved}"],
+        [*cmd, f"--trainer.max_steps={step + 1}", "--ckpt_path=last"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert resume.returncode == 0, resume.stderr[-4000:]
-    final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert f"resuming {saved} (step {step}) in {run}" in resume.stderr
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # the same run
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == step + 1
+    assert saved.exists()  # an interrupt checkpoint is never deleted by a resume
 
 
 def test_preemption_signal_arguments():
