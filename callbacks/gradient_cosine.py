@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from marble_pl.errors import ConfigError
 from marble_pl.gradients import cosines, output_cosines
 
 __all__ = ["GradientCosineMonitor"]
@@ -52,9 +53,9 @@ class GradientCosineMonitor(Callback):
         if weights is not None and (
             len(weights) == 0 or any(w < 0 for w in weights) or sum(weights) <= 0
         ):
-            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+            raise ConfigError(f"weights must be non-negative with a positive sum, got {weights}")
         if audit_every_n_steps < 0:
-            raise ValueError(f"audit_every_n_steps must be >= 0, got {audit_every_n_steps}")
+            raise ConfigError(f"audit_every_n_steps must be >= 0, got {audit_every_n_steps}")
         self.weights = None if weights is None else list(weights)
         self.audit_every_n_steps = audit_every_n_steps
         self.steps = 0

@@ -7,6 +7,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from marble_pl.errors import ConfigError
+
 __all__ = ["RewardHistograms"]
 
 
@@ -31,7 +33,7 @@ class RewardHistograms(Callback):
 
     def __init__(self, every_n_steps: int = 10) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
 
     @staticmethod

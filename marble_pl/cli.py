@@ -26,9 +26,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from marble_pl.data import PromptDataModule
-from marble_pl.errors import EXIT_USAGE, ConfigError, MarbleUserError, RunFolderError
+from marble_pl.errors import EXIT_USAGE, ConfigError, MarbleUserError
 from marble_pl.module import MarbleModule
 from marble_pl.notices import install_notice_filters
+from marble_pl.preflight import check_run_folder
 from marble_pl.resume import plan_resume, run_root
 
 __all__ = ["MarbleCLI", "main"]
@@ -126,27 +127,22 @@ class MarbleCLI(LightningCLI):
             trainer.callbacks = [*callbacks, bar]
 
 
-def check_run_folder(path: Any) -> None:
-    """Create ``path`` and write a probe file there, or raise :class:`RunFolderError`."""
-    from pathlib import Path
-
-    folder = Path(str(path)).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".marble-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunFolderError(
-            f"cannot write to the run folder {str(folder)!r} ({err.strerror or err}): make it "
-            "writable (in Docker: mount a folder your uid owns), or set another one with "
-            "--trainer.logger.init_args.save_dir"
-        ) from None
-
-
 def _debug() -> bool:
     """``MARBLE_DEBUG=1`` shows the full traceback of user errors too."""
     return os.environ.get("MARBLE_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _user_error(err: BaseException) -> MarbleUserError | None:
+    """``err`` or the first :class:`MarbleUserError` it was raised from (``__cause__`` /
+    ``__context__``): jsonargparse re-raises a callback's ``__init__`` error as its own."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MarbleUserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _interrupted_exit_code() -> int:
@@ -166,10 +162,11 @@ def main(args: list[str] | None = None) -> None:
     """
     try:
         _main(args)
-    except MarbleUserError as err:
-        if _debug():
+    except Exception as err:  # a user error, possibly wrapped by jsonargparse (callback args)
+        user = _user_error(err)
+        if user is None or _debug():
             raise
-        message = " ".join(str(err).split())
+        message = " ".join(str(user).split())
         sys.stderr.write(f"marble: error: {message}\n")
         raise SystemExit(EXIT_USAGE) from None
     except SIGTERMException:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from marble_pl.errors import MarbleUserError
+from marble_pl.errors import ConfigError, MarbleUserError
 
 __all__ = [
     "EpochSeededSampler",
@@ -19,6 +20,7 @@ __all__ = [
     "PromptDataModule",
     "PromptDataset",
     "PromptFileError",
+    "ResumableDataLoader",
     "read_prompts",
 ]
 
@@ -29,6 +31,33 @@ _SUFFIXES = (".txt", ".jsonl")
 
 class PromptFileError(MarbleUserError, ValueError):
     """A prompt file is missing, empty or malformed; the message names the file and the fix."""
+
+
+def _check_sizes(
+    batch_size: int, group_size: int, val_batch_size: int | None, num_workers: int
+) -> None:
+    """The data module's sizes are in range (``data.<name>`` in the messages, with the fix)."""
+    if batch_size < 1:
+        raise ConfigError(
+            f"data.batch_size (prompts per step) must be >= 1, got {batch_size}: e.g. 2"
+        )
+    if group_size < 2:
+        raise ConfigError(
+            f"data.group_size (images per prompt) must be >= 2, got {group_size}: group "
+            "advantages compare the images of one prompt with each other, so with one image "
+            "every advantage is zero and nothing trains; set data.group_size to at least two "
+            "(e.g. 4 to 16)"
+        )
+    if val_batch_size is not None and val_batch_size < 1:
+        raise ConfigError(
+            f"data.val_batch_size must be >= 1, or null for batch_size x group_size, got "
+            f"{val_batch_size}"
+        )
+    if num_workers < 0:
+        raise ConfigError(
+            f"data.num_workers must be >= 0 (0 reads prompts in the main process), got "
+            f"{num_workers}"
+        )
 
 
 def read_prompts(path: str | Path, key: str = "prompt") -> list[str]:
@@ -96,7 +125,7 @@ def _parse_jsonl(text: str, path: Path, key: str) -> list[str]:
         if key not in record:
             raise PromptFileError(
                 f"prompt file {str(path)!r}, line {lineno}: missing key {key!r} (keys: "
-                f"{sorted(record)}): add it, or set prompt_key to the key holding the prompt"
+                f"{sorted(record)}): add it, or set data.prompt_key to the key holding the prompt"
             )
         prompt = record[key]
         if not isinstance(prompt, str) or not prompt.strip():
@@ -148,26 +177,66 @@ class EpochSeededSampler(RandomSampler):
     under DDP (which then seeds from `seed_everything`, not from `seed`).
     """
 
-    def __init__(self, data_source: Sequence[str], seed: int = 0, skip: int = 0) -> None:
+    def __init__(self, data_source: Sequence[str], seed: int = 0) -> None:
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
-        self.skip = skip
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of `epoch` for the next iteration."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.data_source) - self.skip
-
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        order = torch.randperm(len(self.data_source), generator=generator).tolist()
-        # `skip` (set when resuming mid-epoch) drops the indices already trained on, once.
-        order, self.skip = order[self.skip :], 0
-        return iter(order)
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that knows how far into the epoch it is, and saves it in checkpoints.
+
+    Lightning's fit loop stores `state_dict()` of a train loader that has one (and then does not
+    warn "your dataloader is not resumable") and calls `load_state_dict()` on resume, before the
+    first batch is drawn. The position counts batches handed to the training loop, in the main
+    process (batches that workers prefetched do not count). After a load, the next pass of the
+    same epoch draws and drops the batches already trained on, so the order is the uninterrupted
+    one for any sampler (Lightning's DistributedSampler included). `len()` stays the whole epoch:
+    Lightning counts the resumed epoch's batches from the restored batch index.
+    """
+
+    _epoch: int = 0  # the sampler's epoch during the current pass
+    _consumed: int = 0  # batches handed out in the current pass
+    _resume: tuple[int, int] | None = None  # (epoch, batches) to skip, from load_state_dict
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass (a generator, so it starts at the first batch, after Lightning's `set_epoch`)."""
+        self._epoch = int(getattr(self.sampler, "epoch", 0))
+        skip = self._take_skip()
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        self._consumed = skip
+        for batch in iterator:
+            self._consumed += 1
+            yield batch
+
+    def _take_skip(self) -> int:
+        """Batches this pass must drop: the loaded position if it is this pass's epoch, else 0."""
+        resume, self._resume = self._resume, None
+        return resume[1] if resume is not None and resume[0] == self._epoch else 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass and how many of its batches were handed out."""
+        return {"epoch": self._epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue mid-epoch from `state`; a finished epoch leaves nothing to skip."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        self._resume = None
+        if 0 < batches < len(self):
+            self._resume = (epoch, batches)
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
 
 
 class PromptDataModule(LightningDataModule):
@@ -191,19 +260,12 @@ class PromptDataModule(LightningDataModule):
         val_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size (prompts per step) must be >= 1, got {batch_size}")
-        if group_size < 2:
-            raise ValueError(
-                f"group_size (images per prompt) must be >= 2, got {group_size}: group advantages "
-                "compare the images of one prompt with each other, so a group needs at least two"
-            )
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1 or None, got {val_batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        _check_sizes(batch_size, group_size, val_batch_size, num_workers)
         if not prompt_key:
-            raise ValueError("prompt_key must be a non-empty string (the jsonl key of the prompt)")
+            raise ConfigError(
+                "data.prompt_key must be a non-empty string (the .jsonl key holding the prompt, "
+                "e.g. prompt)"
+            )
         self.save_hyperparameters()
         self.train_file = train_file
         self.val_file = val_file
@@ -218,29 +280,41 @@ class PromptDataModule(LightningDataModule):
         self.val_dataset: PromptDataset | None = None
 
     def setup(self, stage: str) -> None:
-        """Read the prompt files the stage needs; fail early if there are fewer than B prompts."""
+        """Read the prompt files the stage needs; fail early if there are fewer than B prompts.
+
+        Lightning runs this before ``configure_model``, so a bad prompt file is reported before
+        any model is loaded.
+        """
         if stage == "fit" and self.train_dataset is None:
-            prompts = read_prompts(self.train_file, self.prompt_key)
+            prompts = self._read("data.train_file", self.train_file)
             if len(prompts) < self.batch_size:
-                raise PromptFileError(
-                    f"prompt file {self.train_file!r} has {len(prompts)} prompts but batch_size is "
-                    f"{self.batch_size}: add prompts or lower batch_size to at most {len(prompts)}"
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} is more than the {len(prompts)} prompts "
+                    f"in data.train_file {self.train_file!r}: set data.batch_size to at most "
+                    f"{len(prompts)}, or add prompts to the file"
                 )
             self.train_dataset = PromptDataset(prompts)
         if stage in ("fit", "validate") and self.val_file is not None and self.val_dataset is None:
-            self.val_dataset = PromptDataset(read_prompts(self.val_file, self.prompt_key))
+            self.val_dataset = PromptDataset(self._read("data.val_file", self.val_file))
 
-    def train_dataloader(self) -> DataLoader[str]:
-        """B prompts per batch repeated G times; incomplete last batch dropped."""
+    def _read(self, setting: str, path: str) -> list[str]:
+        """:func:`read_prompts`, its error prefixed with the setting that names the file."""
+        try:
+            return read_prompts(path, self.prompt_key)
+        except PromptFileError as err:
+            raise PromptFileError(f"{setting}: {err}") from err
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """B prompts per batch repeated G times; incomplete last batch dropped.
+
+        Resumable: the loader's position is saved in checkpoints, so a run resumed mid-epoch
+        continues with the next unseen prompts of the same permutation (exact resume).
+        """
         if self.train_dataset is None:
             raise RuntimeError("PromptDataModule.train_dataloader: call setup('fit') first")
         dataset = self.train_dataset
-        sampler = (
-            EpochSeededSampler(dataset.prompts, self.seed, skip=self._consumed_in_epoch())
-            if self.shuffle
-            else None
-        )
-        return DataLoader(
+        sampler = EpochSeededSampler(dataset.prompts, self.seed) if self.shuffle else None
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -249,22 +323,6 @@ class PromptDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def _consumed_in_epoch(self) -> int:
-        """Prompts of the current epoch already trained on, when resuming from a checkpoint.
-
-        Lightning restores the loops' progress before it asks for the dataloader, so a run
-        resumed mid-epoch continues with the next unseen prompts of the same permutation
-        instead of restarting the epoch (exact resume; single process: under DDP Lightning's
-        DistributedSampler takes over the order).
-        """
-        trainer = self.trainer
-        if trainer is None or trainer.world_size > 1:
-            return 0
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return (
-            int(progress.processed) * self.batch_size
-        )  # processed: counted before on_train_batch_end saves
 
     def val_dataloader(self) -> DataLoader[str] | list[DataLoader[str]]:
         """Each validation prompt once, in file order; `[]` (no validation) without a val_file."""

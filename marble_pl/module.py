@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ from marble_pl.balance import (
     rescale_gram,
     to_raw_weights,
 )
-from marble_pl.errors import MarbleUserError
+from marble_pl.errors import ConfigError, MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
 from marble_pl.models import (
     DEFAULT_ADAPTER,
@@ -49,6 +50,7 @@ from marble_pl.models import (
     use_adapter,
 )
 from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
+from marble_pl.preflight import resolution_multiple
 from marble_pl.rewards import build_rewards
 from marble_pl.rollout import RolloutConfig, rollout
 
@@ -66,6 +68,131 @@ def _metric_key(name: str) -> str:
 
 class NonFiniteRewardError(MarbleUserError, FloatingPointError):
     """A reward model returned NaN/inf; the message names the reward and the fix."""
+
+
+# ---------------------------------------------------------------------- settings checks
+# Run by MarbleModule.__init__, i.e. when the CLI builds the module: a mistyped setting is
+# reported in seconds, before any model is loaded. Messages name the setting as a config writes
+# it (``model.lora_rank``) and the fix.
+
+
+def _check_choices(
+    balancer: str, gradient_space: str, loss_form: str, nonfinite_rewards: str, weights_dtype: str
+) -> None:
+    """The string settings name one of their choices (the CLI checks them too; Python does not)."""
+    choices = {
+        "balancer": (balancer, ("marble", "weighted_sum", "single")),
+        "gradient_space": (gradient_space, ("output", "parameters")),
+        "loss_form": (loss_form, ("reference", "plain")),
+        "nonfinite_rewards": (nonfinite_rewards, ("error", "drop")),
+        "weights_dtype": (weights_dtype, tuple(sorted(TORCH_DTYPES))),
+    }
+    for setting, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"model.{setting} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_ranges(
+    *,
+    a_max: float,
+    old_policy_decay: float,
+    t_min: float,
+    t_max: float,
+    max_nonfinite_steps: int,
+    kl_beta: float,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_target_modules: Sequence[str],
+    resolution: int,
+    gradient_clip_norm: float | None,
+) -> None:
+    """Numeric settings are in range; each message says which values work."""
+    problems = [
+        (
+            not a_max > 0,
+            f"model.a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}",
+        ),
+        (
+            not 0.0 <= old_policy_decay <= 1.0,
+            f"model.old_policy_decay must be in [0, 1] (e.g. 0.5), got {old_policy_decay}",
+        ),
+        (
+            not 0.0 <= t_min < t_max <= 1.0,
+            f"need 0 <= model.t_min < model.t_max <= 1, got t_min={t_min}, t_max={t_max}",
+        ),
+        (
+            max_nonfinite_steps < 1,
+            f"model.max_nonfinite_steps must be >= 1 (e.g. 3), got {max_nonfinite_steps}",
+        ),
+        (not kl_beta >= 0, f"model.kl_beta must be >= 0 (0 turns the KL term off), got {kl_beta}"),
+        (
+            lora_rank < 1,
+            f"model.lora_rank must be >= 1 (the LoRA rank, e.g. 16 or 32), got {lora_rank}",
+        ),
+        (
+            not lora_alpha > 0,
+            f"model.lora_alpha must be > 0 (the LoRA scale is lora_alpha / lora_rank, often "
+            f"2 x lora_rank), got {lora_alpha}",
+        ),
+        (
+            not lora_target_modules,
+            "model.lora_target_modules is empty: list the transformer's linear layers to "
+            "adapt, or drop the setting for the default",
+        ),
+        (
+            resolution < 1,
+            f"model.resolution must be a positive number of pixels (e.g. 512 for SD3.5), "
+            f"got {resolution}",
+        ),
+        (
+            gradient_clip_norm is not None and not gradient_clip_norm > 0,
+            f"model.gradient_clip_norm must be > 0, or null to turn clipping off, "
+            f"got {gradient_clip_norm}",
+        ),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ConfigError(message)
+
+
+def _check_resolution(
+    resolution: int, multiple: int, vae_scale_factor: int, patch_size: int
+) -> None:
+    """The image side must be a whole number of transformer patches of VAE latents."""
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+        raise ConfigError(
+            f"model.resolution={resolution} must be a multiple of {multiple} (VAE scale factor "
+            f"{vae_scale_factor} x patch size {patch_size}): use e.g. {nearest}"
+        )
+
+
+def _check_optimizer(
+    optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
+) -> None:
+    """Build the optimizer (and scheduler) once on a dummy parameter, so a bad ``lr`` fails now.
+
+    torch checks its hyperparameters (``lr >= 0``, betas in [0, 1), ...) only when the optimizer
+    is built, which ``configure_optimizers`` does after the model is loaded. The probe parameter
+    is a matrix since some optimizers (Muon) accept 2-D parameters only, as LoRA's are.
+    """
+    probe = [torch.nn.Parameter(torch.zeros(2, 2))]
+    try:
+        opt = optimizer(probe)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.optimizer: {err}; fix that value under model.optimizer.init_args "
+            "(e.g. lr: 1.0e-4, weight_decay: 0.0)"
+        ) from err
+    if lr_scheduler is None:
+        return
+    try:
+        lr_scheduler(opt)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.lr_scheduler: {err}; fix that value under model.lr_scheduler.init_args"
+        ) from err
 
 
 @dataclass
@@ -209,59 +336,48 @@ class MarbleModule(LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the LoRA weights only, not the base model
         check_beta(beta)
-        if not a_max > 0:
-            raise ValueError(
-                f"a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}"
-            )
-        if balancer not in ("marble", "weighted_sum", "single"):
-            raise ValueError(
-                f"balancer must be 'marble', 'weighted_sum' or 'single', got {balancer!r}"
-            )
-        if gradient_space not in ("output", "parameters"):
-            raise ValueError(
-                f"gradient_space must be 'output' or 'parameters', got {gradient_space!r}"
-            )
-        if loss_form not in ("reference", "plain"):
-            raise ValueError(f"loss_form must be 'reference' or 'plain', got {loss_form!r}")
-        if nonfinite_rewards not in ("error", "drop"):
-            raise ValueError(
-                f"nonfinite_rewards must be 'error' or 'drop', got {nonfinite_rewards!r}"
-            )
-        if not 0.0 <= old_policy_decay <= 1.0:
-            raise ValueError(f"old_policy_decay must be in [0, 1], got {old_policy_decay}")
-        if not 0.0 <= t_min < t_max <= 1.0:
-            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        if weights_dtype not in TORCH_DTYPES:
-            raise ValueError(
-                f"weights_dtype must be one of {sorted(TORCH_DTYPES)}, got {weights_dtype!r}"
-            )
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        if kl_beta < 0:
-            raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
+        _check_choices(balancer, gradient_space, loss_form, nonfinite_rewards, weights_dtype)
+        _check_ranges(
+            a_max=a_max,
+            old_policy_decay=old_policy_decay,
+            t_min=t_min,
+            t_max=t_max,
+            max_nonfinite_steps=max_nonfinite_steps,
+            kl_beta=kl_beta,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            resolution=resolution,
+            gradient_clip_norm=gradient_clip_norm,
+        )
+        _check_optimizer(optimizer, lr_scheduler)
 
         self.rewards = build_rewards(list(rewards))
         self.reward_names: list[str] = [rw.name for rw in self.rewards]
         k = len(self.reward_names)
         if reward_weights is not None and len(reward_weights) != k:
-            raise ValueError(
-                f"reward_weights has {len(reward_weights)} entries for {k} rewards "
+            raise ConfigError(
+                f"model.reward_weights has {len(reward_weights)} entries for {k} rewards "
                 f"{self.reward_names}: give one weight per reward, in the same order"
             )
         self.fixed_weights = FixedWeights(
             reward_weights if reward_weights is not None else [1.0] * k
         )
         if balancer == "single" and not 0 <= single_reward < k:
-            raise ValueError(
-                f"single_reward={single_reward} is out of range for rewards {self.reward_names}"
+            raise ConfigError(
+                f"model.single_reward={single_reward} is out of range for rewards "
+                f"{self.reward_names}: use an index from 0 to {k - 1}"
             )
-        self.rollout_config = RolloutConfig(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            noise_level=noise_level,
-        )
+        try:
+            self.rollout_config = RolloutConfig(
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                noise_level=noise_level,
+            )
+        except ValueError as err:  # its messages start with the field, as model.<field> is named
+            raise ConfigError(f"model.{err}") from err
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.solver = MinNormSolver()
@@ -282,6 +398,21 @@ class MarbleModule(LightningModule):
 
     # ------------------------------------------------------------------ models
 
+    def setup(self, stage: str) -> None:
+        """Check ``model.resolution`` against the model's configs, before its weights load.
+
+        Lightning calls ``setup`` before ``configure_model``. Only the transformer's and the VAE's
+        ``config.json`` are read; a path the tiny pipeline is still to be built at (or configs
+        that cannot be read) is checked after loading, in ``configure_model``.
+        """
+        hp = self.hparams
+        path = hp.pretrained_model_name_or_path
+        if self._configured or (hp.build_tiny_if_missing and not Path(path).is_dir()):
+            return
+        sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
+        if sizes is not None:
+            _check_resolution(hp.resolution, *sizes)
+
     def configure_model(self) -> None:
         """Load the SD3 components, attach the trained LoRA and the sampling-policy copy."""
         if self._configured:
@@ -289,7 +420,7 @@ class MarbleModule(LightningModule):
         hp = self.hparams
         path = hp.pretrained_model_name_or_path
         if hp.build_tiny_if_missing:
-            ensure_tiny_sd3(path)
+            self._ensure_tiny_model(path)
         dtype = TORCH_DTYPES[hp.weights_dtype]
         parts = load_sd3(
             path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
@@ -318,12 +449,21 @@ class MarbleModule(LightningModule):
         self.patch_size = int(self.transformer.config.patch_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         multiple = self.vae_scale_factor * self.patch_size
-        if hp.resolution % multiple:
-            raise ValueError(
-                f"resolution={hp.resolution} must be a multiple of {multiple} "
-                f"(VAE scale factor {self.vae_scale_factor} x patch size {self.patch_size})"
-            )
+        _check_resolution(hp.resolution, multiple, self.vae_scale_factor, self.patch_size)
         self._configured = True
+
+    def _ensure_tiny_model(self, path: str) -> None:
+        """Build a missing tiny pipeline on global rank 0 while the other ranks wait at a barrier.
+
+        Ranks racing to build (or loading a folder still being written) load a half-built one.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            ensure_tiny_sd3(path)
+            return
+        if trainer.is_global_zero:
+            ensure_tiny_sd3(path)
+        trainer.strategy.barrier("marble_ensure_tiny_sd3")
 
     def train(self, mode: bool = True) -> MarbleModule:
         """Keep the frozen VAE and text encoders in eval mode whatever Lightning asks."""
@@ -800,7 +940,28 @@ class MarbleModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore counters and warm start; the CONFIGURED optimizer hyperparameters win.
+
+        Lightning restores the optimizer's param groups as saved, which would silently keep the
+        old ``lr`` / ``weight_decay`` / ``betas`` of a run resumed with new ones. The moments stay
+        as saved; ``lr`` stays as saved when an LR scheduler owns it.
+        """
+        self._apply_configured_optimizer_settings(checkpoint)
         state = checkpoint.get("marble", {})
         self.counters.update(state.get("counters", {}))
         if state.get("qp_warm_start") is not None:
             self.solver.last_weights = np.asarray(state["qp_warm_start"], dtype=np.float64)
+
+    def _apply_configured_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Overwrite the saved param groups' hyperparameters with the configured optimizer's."""
+        states = checkpoint.get("optimizer_states") or []
+        if not states:
+            return
+        configured = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]
+        owned_by_scheduler = (
+            {"lr", "initial_lr"} if self.lr_scheduler_factory is not None else set()
+        )
+        for group in states[0].get("param_groups", []):
+            for key, value in configured.items():
+                if key != "params" and key not in owned_by_scheduler:
+                    group[key] = value

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marble_pl.errors import ConfigError
+
 __all__ = [
     "nft_errors",
     "nft_loss",
@@ -36,7 +38,9 @@ _MIN_WEIGHT = 1e-5
 def check_beta(beta: float) -> None:
     """Raise a clear error unless ``0 < beta <= 1`` (DiffusionNFT's guidance strength)."""
     if not 0 < beta <= 1:
-        raise ValueError(f"beta must be in (0, 1] (DiffusionNFT uses 0.1 .. 1.0), got {beta}")
+        raise ConfigError(
+            f"model.beta must be in (0, 1] (DiffusionNFT uses 0.1 .. 1.0), got {beta}"
+        )
 
 
 def _dims(x: Tensor) -> tuple[int, ...]:

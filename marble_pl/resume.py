@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from marble_pl.errors import CheckpointError, ConfigError
+from marble_pl.preflight import load_checkpoint_file
 
 __all__ = [
     "FIXED_ON_RESUME",
@@ -27,7 +28,6 @@ __all__ = [
     "diff_settings",
     "find_last_checkpoint",
     "flatten",
-    "load_checkpoint_file",
     "run_root",
     "version_of",
 ]
@@ -68,33 +68,6 @@ class ResumePlan:
     version: int | str | None = None
     changed: list[tuple[str, Any, Any]] = field(default_factory=list)
     message: str = ""
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU, or raise :class:`CheckpointError` naming the file."""
-    p = Path(path).expanduser()
-    fix = (
-        "pass a .ckpt written by this run (e.g. <run>/checkpoints/last.ckpt) or `--ckpt_path last`"
-    )
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist: {fix}")
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} is not a file: {fix}")
-    import torch
-
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad magic, unpickling error, EINVAL from mmap
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise CheckpointError(
-            f"checkpoint {str(p)!r} cannot be read ({reason}); it is truncated or not a "
-            f"checkpoint (a run killed while writing it?): use an earlier one, {fix}"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise CheckpointError(
-            f"{str(p)!r} is not a Lightning training checkpoint (no state_dict / global_step): {fix}"
-        )
-    return ckpt
 
 
 def run_root(logger: Any, default_root_dir: str | None) -> Path | None:

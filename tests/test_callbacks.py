@@ -205,3 +205,26 @@ def test_ema_guard_uses_raw_weights_on_conflict():
     unguarded = CoefficientEMA(decay=0.9, guard=False)
     unguarded.update(np.array([1.0, 0.0]))
     np.testing.assert_allclose(unguarded.update(raw, m), ema.ema.value)
+
+
+class _NonZeroRank:
+    """A trainer seen from DDP rank 1: asking for the collective ``log_dir`` there would hang."""
+
+    global_step = 10
+    is_global_zero = False
+    default_root_dir = "."
+
+    @property
+    def log_dir(self) -> str:
+        raise AssertionError("trainer.log_dir is a collective: never ask for it on one rank")
+
+
+class _NoSampling:
+    def sample(self, *args, **kwargs):
+        raise AssertionError("only global rank 0 samples the grid")
+
+
+def test_sample_grid_does_no_work_and_no_collective_off_rank_zero():
+    grid = SampleGrid(prompts=["a red cube"], every_n_steps=10)
+    assert grid.render(_NonZeroRank(), _NoSampling()) is None
+    grid.on_train_end(_NonZeroRank(), _NoSampling())

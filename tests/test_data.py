@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import RandomSampler
 
 from marble_pl.data import GroupCollate, PromptDataModule, PromptFileError, read_prompts
+from marble_pl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,7 +194,7 @@ def test_no_shuffle_keeps_file_order(tmp_path: Path) -> None:
 
 def test_fewer_prompts_than_batch_size(tmp_path: Path) -> None:
     dm = PromptDataModule(str(_prompts_file(tmp_path, 2)), batch_size=3)
-    with pytest.raises(PromptFileError, match="2 prompts but batch_size is 3"):
+    with pytest.raises(ConfigError, match=r"data.batch_size=3 is more than the 2 prompts"):
         dm.setup("fit")
 
 
@@ -269,3 +272,101 @@ def test_trainer_fit_runs_with_and_without_val_file(tmp_path: Path, with_val: bo
     trainer.fit(probe, dm)
     assert probe.train_sizes == [6, 6, 6]
     assert probe.val_sizes == ([3] if with_val else [])
+
+
+# --- resumable train loader -----------------------------------------------------------------
+
+
+class _Recorder:
+    """A LightningModule factory whose module records the first prompt of every batch."""
+
+    @staticmethod
+    def make() -> Any:
+        import lightning as L
+
+        class Probe(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.seen: list[str] = []
+
+            def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+                self.seen.append(batch["prompts"][0])
+                return self.weight.square().sum()
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Probe()
+
+
+def _fit_probe(
+    prompts: Path, steps: int, ckpt_dir: Path, ckpt_path: Path | None = None, num_workers: int = 0
+) -> list[str]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = _Recorder.make()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)],
+    )
+    dm = PromptDataModule(str(prompts), batch_size=2, group_size=2, num_workers=num_workers)
+    trainer.fit(probe, dm, ckpt_path=ckpt_path)
+    return probe.seen
+
+
+def _firsts(batches: Any) -> list[str]:
+    return [b["prompts"][0] for b in batches]
+
+
+def test_loader_state_round_trip_continues_mid_epoch(tmp_path: Path) -> None:
+    dm = PromptDataModule(str(_prompts_file(tmp_path, 10)), batch_size=2, group_size=2)
+    dm.setup("fit")
+    reference = dm.train_dataloader()
+    epochs = [_firsts(reference) for _ in range(2)]
+    loader = dm.train_dataloader()
+    _firsts(loader)  # epoch 0
+    it = iter(loader)
+    head = _firsts(next(it) for _ in range(2))  # two batches into epoch 1
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = _firsts(resumed)
+    assert head + rest == epochs[1]  # the rest of epoch 1 ...
+    assert len(rest) == 3 and len(resumed) == 5  # ... while len() stays the whole epoch
+    assert len(_firsts(resumed)) == 5  # then whole epochs again
+
+
+def test_loader_state_at_epoch_end_skips_nothing(tmp_path: Path) -> None:
+    dm = PromptDataModule(str(_prompts_file(tmp_path, 6)), batch_size=2, group_size=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    _firsts(loader)
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(loader.state_dict())  # {"epoch": 0, "batches": 3}: epoch 0 is done
+    resumed.sampler.set_epoch(1)  # type: ignore[attr-defined]  # as Lightning does next
+    assert len(_firsts(resumed)) == 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_mid_epoch_continues_the_order_without_warning(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """Stopped at step 4 of 3-batch epochs and resumed: the same prompts as one run of 8 steps."""
+    prompts = _prompts_file(tmp_path, 7)  # 3 batches of 2 per epoch, one prompt dropped
+    full = _fit_probe(prompts, 8, tmp_path / "full", num_workers=num_workers)
+    part = _fit_probe(prompts, 4, tmp_path / "part", num_workers=num_workers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rest = _fit_probe(
+            prompts, 8, tmp_path / "resumed", tmp_path / "part" / "last.ckpt", num_workers
+        )
+    assert part + rest == full
+    assert not [w for w in caught if "not resumable" in str(w.message)]

@@ -21,7 +21,6 @@ from marble_pl.resume import (
     diff_settings,
     find_last_checkpoint,
     flatten,
-    load_checkpoint_file,
     plan_resume,
     version_of,
 )
@@ -67,24 +66,6 @@ def test_flatten_and_diff_list_changes_and_skip_start_keys():
     assert diff_settings(old, new) == [("model.beta", 1.0, 0.5)]
     cbs = flatten({"trainer": {"callbacks": [{"class_path": "A", "init_args": {"d": 1}}]}})
     assert cbs == {"trainer.callbacks.0.class_path": "A", "trainer.callbacks.0.init_args.d": 1}
-
-
-def test_load_checkpoint_file_names_the_file_for_each_problem(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint_file(tmp_path / "nope.ckpt")
-    with pytest.raises(CheckpointError, match="not a file"):
-        load_checkpoint_file(tmp_path)
-    good = tmp_path / "good.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 3}, good)
-    assert load_checkpoint_file(good)["global_step"] == 3
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.ckpt.*cannot be read"):
-        load_checkpoint_file(truncated)
-    other = tmp_path / "other.ckpt"
-    torch.save({"weights": 1}, other)
-    with pytest.raises(CheckpointError, match="not a Lightning training checkpoint"):
-        load_checkpoint_file(other)
 
 
 def test_last_is_the_newest_checkpoint_of_the_run_and_version_is_its_folder(tmp_path):

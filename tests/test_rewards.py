@@ -201,7 +201,7 @@ def test_duplicates_rejected_and_alias_resolves() -> None:
 
 
 def test_empty_and_non_list_specs_rejected() -> None:
-    with pytest.raises(ValueError, match="no rewards given"):
+    with pytest.raises(ValueError, match="model.rewards is empty"):
         build_rewards([])
     with pytest.raises(TypeError, match="list of specs"):
         build_rewards("brightness")  # type: ignore[arg-type]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from marble_pl.errors import ConfigError
+
 __all__ = ["NAME_PATTERN", "Reward", "check_reward_name"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -18,7 +20,7 @@ _RANGE_TOL = 1e-3
 def check_reward_name(name: object) -> str:
     """Return `name` if it is usable as a TensorBoard tag part (`reward/<name>/mean`), else raise."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ValueError(
+        raise ConfigError(
             f"invalid reward name {name!r}: use letters, digits, '_', '-' or '.' (no spaces or "
             "'/'), starting with a letter, digit or '_', e.g. 'pickscore' or 'clip_score'"
         )

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from marble_pl.errors import ConfigError, MarbleUserError
 from marble_pl.rewards.base import Reward, check_reward_name
 
 __all__ = ["RewardSpec", "available_rewards", "build_reward", "build_rewards", "register_reward"]
@@ -19,6 +20,14 @@ RewardSpec = str | Mapping[str, Any] | Reward
 R = TypeVar("R", bound=type[Reward])
 
 _REGISTRY: dict[str, type[Reward]] = {}
+
+
+class RewardImportError(MarbleUserError, ImportError):
+    """A reward ``class_path`` names a module or class that cannot be imported."""
+
+
+class RewardClassError(MarbleUserError, TypeError):
+    """A reward ``class_path`` names a class that is not a :class:`Reward`."""
 
 
 def register_reward(name: str) -> Callable[[R], R]:
@@ -70,7 +79,7 @@ def build_reward(spec: RewardSpec) -> Reward:
             f'e.g. "brightness" or {{"name": "compressibility", "quality": 80}}'
         )
     if not reward.name:
-        raise ValueError(
+        raise ConfigError(
             f"reward {type(reward).__name__} has no name: set a class attribute name = '...', "
             'register it with @register_reward, or add "alias" to its spec'
         )
@@ -86,17 +95,17 @@ def build_rewards(specs: Sequence[RewardSpec]) -> torch.nn.ModuleList:
             '["brightness", "saturation"]'
         )
     if not specs:
-        raise ValueError(
-            f"no rewards given: list at least one, e.g. {available_rewards()[:3]} (available: "
-            f"{available_rewards()})"
+        raise ConfigError(
+            f"model.rewards is empty: list at least one, e.g. {available_rewards()[:3]} "
+            f"(available: {available_rewards()})"
         )
     rewards = [build_reward(spec) for spec in specs]
     counts = Counter(reward.name for reward in rewards)
     duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
-        raise ValueError(
-            f"duplicate reward names {duplicates}: each reward needs a unique name for its "
-            'metrics and coefficients; give repeats an "alias" in their spec'
+        raise ConfigError(
+            f"duplicate reward names {duplicates} in model.rewards: each reward needs a unique "
+            'name for its metrics and coefficients; give repeats an "alias" in their spec'
         )
     return torch.nn.ModuleList(rewards)
 
@@ -109,7 +118,7 @@ def _build_from_mapping(spec: Mapping[str, Any]) -> Reward:
         class_path = kwargs.pop("class_path")
         init_args = kwargs.pop("init_args", None) or {}
         if kwargs:
-            raise ValueError(
+            raise ConfigError(
                 f"class_path reward spec {class_path!r} has unexpected keys {sorted(kwargs)}: "
                 "put constructor arguments under init_args"
             )
@@ -120,9 +129,9 @@ def _build_from_mapping(spec: Mapping[str, Any]) -> Reward:
         name = kwargs.pop("name")
         reward = _instantiate(_lookup(name), kwargs, name)
     else:
-        raise ValueError(
-            f"reward spec {dict(spec)!r} has neither 'name' nor 'class_path': write "
-            '{"name": "brightness"} or {"class_path": "pkg.module.MyReward", "init_args": {}}'
+        raise ConfigError(
+            f"reward spec {dict(spec)!r} in model.rewards has neither 'name' nor 'class_path': "
+            'write {"name": "brightness"} or {"class_path": "pkg.module.MyReward", "init_args": {}}'
         )
     if alias is not None:
         reward.name = check_reward_name(alias)
@@ -130,38 +139,41 @@ def _build_from_mapping(spec: Mapping[str, Any]) -> Reward:
 
 
 def _lookup(name: object) -> type[Reward]:
-    """The registered class for `name`, or a ValueError listing names and the closest match."""
+    """The registered class for `name`, or a ConfigError listing names and the closest match."""
     if not isinstance(name, str):
         raise TypeError(f"reward name must be a string, got {name!r}")
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, _REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
-        f"unknown reward {name!r}.{hint} Available: {available_rewards()}; for your own reward "
-        'use {"class_path": "pkg.module.MyReward", "init_args": {...}}'
+    raise ConfigError(
+        f"unknown reward {name!r} in model.rewards.{hint} Available: {available_rewards()}; "
+        'for your own reward use {"class_path": "pkg.module.MyReward", "init_args": {...}}'
     )
 
 
 def _import_reward_class(class_path: object) -> type[Reward]:
     """Import `pkg.module.Class` and check it is a Reward subclass."""
     if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(
+        raise ConfigError(
             f"class_path must be a dotted path 'package.module.ClassName', got {class_path!r}"
         )
     module_name, _, class_name = class_path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ImportError(
+        raise RewardImportError(
             f"cannot import module {module_name!r} for reward class_path {class_path!r}: {err}; "
             "check the spelling and that the package is installed or on PYTHONPATH"
         ) from err
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ImportError(f"module {module_name!r} has no attribute {class_name!r} ({class_path})")
+        raise RewardImportError(
+            f"module {module_name!r} has no attribute {class_name!r} (reward class_path "
+            f"{class_path!r} in model.rewards): check the class name's spelling"
+        )
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
-        raise TypeError(
+        raise RewardClassError(
             f"{class_path} is not a subclass of marble_pl.rewards.Reward: derive it from Reward "
             "and implement forward(images, prompts) -> Tensor[N]"
         )
@@ -174,8 +186,9 @@ def _instantiate(cls: type[Reward], kwargs: dict[str, Any], label: str) -> Rewar
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
         params = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
-        raise ValueError(
-            f"bad arguments {sorted(kwargs)} for reward {label!r}: {err}; it accepts {params}"
+        raise ConfigError(
+            f"bad arguments {sorted(kwargs)} for reward {label!r} in model.rewards: {err}; "
+            f"it accepts {params}"
         ) from err
     return cls(**kwargs)
 
