@@ -25,11 +25,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from marble_pl.checks import check_run_folder
 from marble_pl.data import PromptDataModule
 from marble_pl.errors import EXIT_USAGE, ConfigError, MarbleUserError
 from marble_pl.module import MarbleModule
 from marble_pl.notices import install_notice_filters
-from marble_pl.preflight import check_run_folder
 from marble_pl.resume import plan_resume, run_root
 
 __all__ = ["MarbleCLI", "main"]

@@ -33,6 +33,14 @@ from marble_pl.balance import (
     rescale_gram,
     to_raw_weights,
 )
+from marble_pl.checks import (
+    check_choices,
+    check_optimizer,
+    check_ranges,
+    check_resolution,
+    probe_optimizer,
+    resolution_multiple,
+)
 from marble_pl.errors import ConfigError, MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
 from marble_pl.models import (
@@ -50,7 +58,6 @@ from marble_pl.models import (
     use_adapter,
 )
 from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
-from marble_pl.preflight import resolution_multiple
 from marble_pl.rewards import build_rewards
 from marble_pl.rollout import RolloutConfig, rollout
 
@@ -68,131 +75,6 @@ def _metric_key(name: str) -> str:
 
 class NonFiniteRewardError(MarbleUserError, FloatingPointError):
     """A reward model returned NaN/inf; the message names the reward and the fix."""
-
-
-# ---------------------------------------------------------------------- settings checks
-# Run by MarbleModule.__init__, i.e. when the CLI builds the module: a mistyped setting is
-# reported in seconds, before any model is loaded. Messages name the setting as a config writes
-# it (``model.lora_rank``) and the fix.
-
-
-def _check_choices(
-    balancer: str, gradient_space: str, loss_form: str, nonfinite_rewards: str, weights_dtype: str
-) -> None:
-    """The string settings name one of their choices (the CLI checks them too; Python does not)."""
-    choices = {
-        "balancer": (balancer, ("marble", "weighted_sum", "single")),
-        "gradient_space": (gradient_space, ("output", "parameters")),
-        "loss_form": (loss_form, ("reference", "plain")),
-        "nonfinite_rewards": (nonfinite_rewards, ("error", "drop")),
-        "weights_dtype": (weights_dtype, tuple(sorted(TORCH_DTYPES))),
-    }
-    for setting, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"model.{setting} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_ranges(
-    *,
-    a_max: float,
-    old_policy_decay: float,
-    t_min: float,
-    t_max: float,
-    max_nonfinite_steps: int,
-    kl_beta: float,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_target_modules: Sequence[str],
-    resolution: int,
-    gradient_clip_norm: float | None,
-) -> None:
-    """Numeric settings are in range; each message says which values work."""
-    problems = [
-        (
-            not a_max > 0,
-            f"model.a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}",
-        ),
-        (
-            not 0.0 <= old_policy_decay <= 1.0,
-            f"model.old_policy_decay must be in [0, 1] (e.g. 0.5), got {old_policy_decay}",
-        ),
-        (
-            not 0.0 <= t_min < t_max <= 1.0,
-            f"need 0 <= model.t_min < model.t_max <= 1, got t_min={t_min}, t_max={t_max}",
-        ),
-        (
-            max_nonfinite_steps < 1,
-            f"model.max_nonfinite_steps must be >= 1 (e.g. 3), got {max_nonfinite_steps}",
-        ),
-        (not kl_beta >= 0, f"model.kl_beta must be >= 0 (0 turns the KL term off), got {kl_beta}"),
-        (
-            lora_rank < 1,
-            f"model.lora_rank must be >= 1 (the LoRA rank, e.g. 16 or 32), got {lora_rank}",
-        ),
-        (
-            not lora_alpha > 0,
-            f"model.lora_alpha must be > 0 (the LoRA scale is lora_alpha / lora_rank, often "
-            f"2 x lora_rank), got {lora_alpha}",
-        ),
-        (
-            not lora_target_modules,
-            "model.lora_target_modules is empty: list the transformer's linear layers to "
-            "adapt, or drop the setting for the default",
-        ),
-        (
-            resolution < 1,
-            f"model.resolution must be a positive number of pixels (e.g. 512 for SD3.5), "
-            f"got {resolution}",
-        ),
-        (
-            gradient_clip_norm is not None and not gradient_clip_norm > 0,
-            f"model.gradient_clip_norm must be > 0, or null to turn clipping off, "
-            f"got {gradient_clip_norm}",
-        ),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise ConfigError(message)
-
-
-def _check_resolution(
-    resolution: int, multiple: int, vae_scale_factor: int, patch_size: int
-) -> None:
-    """The image side must be a whole number of transformer patches of VAE latents."""
-    if resolution % multiple:
-        lower = resolution // multiple * multiple
-        nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
-        raise ConfigError(
-            f"model.resolution={resolution} must be a multiple of {multiple} (VAE scale factor "
-            f"{vae_scale_factor} x patch size {patch_size}): use e.g. {nearest}"
-        )
-
-
-def _check_optimizer(
-    optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
-) -> None:
-    """Build the optimizer (and scheduler) once on a dummy parameter, so a bad ``lr`` fails now.
-
-    torch checks its hyperparameters (``lr >= 0``, betas in [0, 1), ...) only when the optimizer
-    is built, which ``configure_optimizers`` does after the model is loaded. The probe parameter
-    is a matrix since some optimizers (Muon) accept 2-D parameters only, as LoRA's are.
-    """
-    probe = [torch.nn.Parameter(torch.zeros(2, 2))]
-    try:
-        opt = optimizer(probe)
-    except ValueError as err:
-        raise ConfigError(
-            f"model.optimizer: {err}; fix that value under model.optimizer.init_args "
-            "(e.g. lr: 1.0e-4, weight_decay: 0.0)"
-        ) from err
-    if lr_scheduler is None:
-        return
-    try:
-        lr_scheduler(opt)
-    except ValueError as err:
-        raise ConfigError(
-            f"model.lr_scheduler: {err}; fix that value under model.lr_scheduler.init_args"
-        ) from err
 
 
 @dataclass
@@ -336,8 +218,8 @@ class MarbleModule(LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the LoRA weights only, not the base model
         check_beta(beta)
-        _check_choices(balancer, gradient_space, loss_form, nonfinite_rewards, weights_dtype)
-        _check_ranges(
+        check_choices(balancer, gradient_space, loss_form, nonfinite_rewards, weights_dtype)
+        check_ranges(
             a_max=a_max,
             old_policy_decay=old_policy_decay,
             t_min=t_min,
@@ -350,7 +232,7 @@ class MarbleModule(LightningModule):
             resolution=resolution,
             gradient_clip_norm=gradient_clip_norm,
         )
-        _check_optimizer(optimizer, lr_scheduler)
+        check_optimizer(optimizer, lr_scheduler)
 
         self.rewards = build_rewards(list(rewards))
         self.reward_names: list[str] = [rw.name for rw in self.rewards]
@@ -411,7 +293,7 @@ class MarbleModule(LightningModule):
             return
         sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
         if sizes is not None:
-            _check_resolution(hp.resolution, *sizes)
+            check_resolution(hp.resolution, *sizes)
 
     def configure_model(self) -> None:
         """Load the SD3 components, attach the trained LoRA and the sampling-policy copy."""
@@ -449,7 +331,7 @@ class MarbleModule(LightningModule):
         self.patch_size = int(self.transformer.config.patch_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         multiple = self.vae_scale_factor * self.patch_size
-        _check_resolution(hp.resolution, multiple, self.vae_scale_factor, self.patch_size)
+        check_resolution(hp.resolution, multiple, self.vae_scale_factor, self.patch_size)
         self._configured = True
 
     def _ensure_tiny_model(self, path: str) -> None:
@@ -957,7 +839,7 @@ class MarbleModule(LightningModule):
         states = checkpoint.get("optimizer_states") or []
         if not states:
             return
-        configured = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]
+        configured = probe_optimizer(self.optimizer_factory).param_groups[0]
         owned_by_scheduler = (
             {"lr", "initial_lr"} if self.lr_scheduler_factory is not None else set()
         )

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
+from marble_pl.checks import load_checkpoint_file
 from marble_pl.errors import CheckpointError, ConfigError
-from marble_pl.preflight import load_checkpoint_file
 
 __all__ = [
     "FIXED_ON_RESUME",

@@ -3,7 +3,7 @@
 Each mistake runs the real CLI in-process (``marble_pl.cli.main``) on ``configs/tiny.yaml`` with
 one override. Those that can be caught before the models load are asserted to be: loading is
 replaced by a function that fails the test. One slow test runs the ``marble`` console script to
-show no traceback reaches the terminal. The preflight helpers the CLI calls (run folder,
+show no traceback reaches the terminal. The checks the CLI calls (run folder,
 checkpoint file) are tested directly too.
 """
 
@@ -21,16 +21,30 @@ import pytest
 import torch
 
 import marble_pl.module
+from marble_pl.checks import check_run_folder, load_checkpoint_file, resolution_multiple
 from marble_pl.cli import main
 from marble_pl.data import PromptDataModule
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError, RunFolderError
 from marble_pl.module import MarbleModule
-from marble_pl.preflight import check_run_folder, load_checkpoint_file, resolution_multiple
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TRAIN = ROOT / "configs" / "prompts" / "tiny_train.txt"
 VAL = ROOT / "configs" / "prompts" / "tiny_val.txt"
+
+
+def tiny_fit_args(tiny_sd3_path: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    """``fit`` on the shipped tiny config with the session's tiny SD3 and a run folder in tmp."""
+    return [
+        "fit",
+        "--config",
+        str(TINY),
+        f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+        f"--data.train_file={TRAIN}",
+        f"--data.val_file={VAL}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        *overrides,
+    ]
 
 
 def _no_load(*args: Any, **kwargs: Any) -> None:
@@ -52,17 +66,9 @@ def marble_error(tmp_path, monkeypatch, capsys, tiny_sd3_path):
     monkeypatch.setattr(sys, "argv", ["marble"])  # not pytest's arguments
 
     def run(*overrides: str) -> str:
-        args = [
-            "fit",
-            "--config",
-            str(TINY),
-            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
-            f"--data.train_file={TRAIN}",
-            f"--data.val_file={VAL}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            "--trainer.enable_progress_bar=false",
-            *overrides,
-        ]
+        args = tiny_fit_args(
+            tiny_sd3_path, tmp_path, "--trainer.enable_progress_bar=false", *overrides
+        )
         with pytest.raises(SystemExit) as info:
             main(args)
         err = capsys.readouterr().err
@@ -280,17 +286,7 @@ def test_console_script_prints_one_line(tmp_path, tiny_sd3_path):
     env.pop("MARBLE_DEBUG", None)
     (tmp_path / "configs").symlink_to(ROOT / "configs")  # the config's relative paths
     proc = subprocess.run(
-        [
-            marble,
-            "fit",
-            "--config",
-            str(TINY),
-            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
-            f"--data.train_file={TRAIN}",
-            f"--data.val_file={VAL}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            "--model.lora_rank=0",
-        ],
+        [marble, *tiny_fit_args(tiny_sd3_path, tmp_path, "--model.lora_rank=0")],
         cwd=tmp_path,
         env=env,
         capture_output=True,

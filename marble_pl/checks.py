@@ -1,5 +1,8 @@
 """Checks run before any model is loaded, so a user mistake costs seconds, not a model load.
 
+* :func:`check_choices`, :func:`check_ranges`, :func:`check_optimizer`: ``model.*`` settings
+  (``MarbleModule.__init__`` calls them); :func:`check_resolution` once the sizes are known.
+
 * :func:`check_run_folder`: the folder Lightning will write logs and checkpoints to can be written.
 * :func:`load_checkpoint_file`: a checkpoint loads, or a :class:`~marble_pl.errors.CheckpointError`
   names the file and the fix (torch's own errors, e.g. ``OSError: [Errno 22] Invalid argument``
@@ -15,20 +18,159 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from marble_pl.errors import CheckpointError, RunFolderError
+from marble_pl.errors import CheckpointError, ConfigError, RunFolderError
+from marble_pl.models import TORCH_DTYPES
 
-__all__ = ["check_run_folder", "load_checkpoint_file", "resolution_multiple"]
+__all__ = [
+    "check_choices",
+    "check_optimizer",
+    "check_ranges",
+    "check_resolution",
+    "check_run_folder",
+    "load_checkpoint_file",
+    "probe_optimizer",
+    "resolution_multiple",
+]
 
 RUN_FOLDER_SETTING = "trainer.logger.init_args.save_dir"
 """How a user sets the run folder of the default TensorBoard logger."""
 
 # Entries every checkpoint written by Lightning's ``Trainer.save_checkpoint`` holds.
 _LIGHTNING_KEYS = ("state_dict", "global_step")
+
+
+# -------------------------------------------------------------------------------- settings
+# Run by MarbleModule.__init__, i.e. when the CLI builds the module: a mistyped setting is
+# reported in seconds, before any model is loaded. Messages name the setting as a config writes
+# it (``model.lora_rank``) and the fix.
+
+
+def check_choices(
+    balancer: str, gradient_space: str, loss_form: str, nonfinite_rewards: str, weights_dtype: str
+) -> None:
+    """The string settings name one of their choices (the CLI checks them too; Python does not)."""
+    choices = {
+        "balancer": (balancer, ("marble", "weighted_sum", "single")),
+        "gradient_space": (gradient_space, ("output", "parameters")),
+        "loss_form": (loss_form, ("reference", "plain")),
+        "nonfinite_rewards": (nonfinite_rewards, ("error", "drop")),
+        "weights_dtype": (weights_dtype, tuple(sorted(TORCH_DTYPES))),
+    }
+    for setting, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"model.{setting} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_ranges(
+    *,
+    a_max: float,
+    old_policy_decay: float,
+    t_min: float,
+    t_max: float,
+    max_nonfinite_steps: int,
+    kl_beta: float,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_target_modules: Sequence[str],
+    resolution: int,
+    gradient_clip_norm: float | None,
+) -> None:
+    """Numeric settings are in range; each message says which values work."""
+    problems = [
+        (
+            not a_max > 0,
+            f"model.a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}",
+        ),
+        (
+            not 0.0 <= old_policy_decay <= 1.0,
+            f"model.old_policy_decay must be in [0, 1] (e.g. 0.5), got {old_policy_decay}",
+        ),
+        (
+            not 0.0 <= t_min < t_max <= 1.0,
+            f"need 0 <= model.t_min < model.t_max <= 1, got t_min={t_min}, t_max={t_max}",
+        ),
+        (
+            max_nonfinite_steps < 1,
+            f"model.max_nonfinite_steps must be >= 1 (e.g. 3), got {max_nonfinite_steps}",
+        ),
+        (not kl_beta >= 0, f"model.kl_beta must be >= 0 (0 turns the KL term off), got {kl_beta}"),
+        (
+            lora_rank < 1,
+            f"model.lora_rank must be >= 1 (the LoRA rank, e.g. 16 or 32), got {lora_rank}",
+        ),
+        (
+            not lora_alpha > 0,
+            f"model.lora_alpha must be > 0 (the LoRA scale is lora_alpha / lora_rank, often "
+            f"2 x lora_rank), got {lora_alpha}",
+        ),
+        (
+            not lora_target_modules,
+            "model.lora_target_modules is empty: list the transformer's linear layers to "
+            "adapt, or drop the setting for the default",
+        ),
+        (
+            resolution < 1,
+            f"model.resolution must be a positive number of pixels (e.g. 512 for SD3.5), "
+            f"got {resolution}",
+        ),
+        (
+            gradient_clip_norm is not None and not gradient_clip_norm > 0,
+            f"model.gradient_clip_norm must be > 0, or null to turn clipping off, "
+            f"got {gradient_clip_norm}",
+        ),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ConfigError(message)
+
+
+def check_resolution(
+    resolution: int, multiple: int, vae_scale_factor: int, patch_size: int
+) -> None:
+    """The image side must be a whole number of transformer patches of VAE latents."""
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        nearest = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+        raise ConfigError(
+            f"model.resolution={resolution} must be a multiple of {multiple} (VAE scale factor "
+            f"{vae_scale_factor} x patch size {patch_size}): use e.g. {nearest}"
+        )
+
+
+def probe_optimizer(optimizer: OptimizerCallable) -> torch.optim.Optimizer:
+    """The configured optimizer built on one dummy 2-D parameter (some, like Muon, take only
+    matrices, as LoRA's are): its hyperparameters without the model."""
+    return optimizer([torch.nn.Parameter(torch.zeros(2, 2))])
+
+
+def check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer (and scheduler) once on a dummy parameter, so a bad ``lr`` fails now.
+
+    torch checks its hyperparameters (``lr >= 0``, betas in [0, 1), ...) only when the optimizer
+    is built, which ``configure_optimizers`` does after the model is loaded.
+    """
+    try:
+        opt = probe_optimizer(optimizer)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.optimizer: {err}; fix that value under model.optimizer.init_args "
+            "(e.g. lr: 1.0e-4, weight_decay: 0.0)"
+        ) from err
+    if lr_scheduler is None:
+        return
+    try:
+        lr_scheduler(opt)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.lr_scheduler: {err}; fix that value under model.lr_scheduler.init_args"
+        ) from err
 
 
 # -------------------------------------------------------------------------------- run folder
