@@ -23,9 +23,11 @@ The toy, all on CPU in a few minutes:
   weights, updated by EMA after every step.
 * **RL step** (ARCHITECTURE §2, parameter-space gradients): rollout with ``v_old`` (Euler ODE,
   ``--sampler-steps``), rewards ``R [N, K]``, per-reward group advantages and ``r = optimality(A)``
-  (and, for the weighted sum, one estimator on ``R @ w``), forward process at ``--timesteps``
-  random ``t`` per rollout, ``v_theta`` and ``v_old``, DiffusionNFT loss (reference x0-space form),
-  per-reward gradients ``g_k`` (K backwards), and the applied gradient:
+  (and, for the weighted sum, one estimator on ``R @ w``; ``--advantage-std``: the group-centred
+  rewards over the group's std, or over the whole batch's std per reward, DiffusionNFT's
+  default), forward process at ``--timesteps`` random ``t`` per rollout, ``v_theta`` and
+  ``v_old``, DiffusionNFT loss (reference x0-space form), per-reward gradients ``g_k``
+  (K backwards), and the applied gradient:
 
   - ``weighted_sum``: the gradient of the loss with the weighted-sum ``r``;
   - ``marble``: ``d = sum_k lambda_bar_k g_k`` with ``lambda*`` from the OSQP min-norm QP on the
@@ -114,6 +116,7 @@ class ToyConfig:
     lr: float = 1e-3
     beta: float = 1.0
     a_max: float = 5.0
+    advantage_std: str = "global"
     old_decay: float = 0.5
     coef_decay: float = 0.9
     clip_norm: float = 1.0
@@ -328,10 +331,11 @@ def run_method(
         x0 = sample(old, prompt, noise, cfg.sampler_steps)
         rewards = task.rewards(x0)
         rec["reward_mean"].append(rewards.mean(0).tolist())
-        adv = group_advantages(rewards, groups)
+        adv = group_advantages(rewards, groups, std=cfg.advantage_std)
         rec["signal"].append((adv != 0).any(dim=0).tolist())
         r = optimality(adv, cfg.a_max)  # [N, K]
-        r_ws = optimality(group_advantages(rewards @ w_sum, groups), cfg.a_max)  # [N]
+        adv_ws = group_advantages(rewards @ w_sum, groups, std=cfg.advantage_std)
+        r_ws = optimality(adv_ws, cfg.a_max)  # [N]
 
         m = cfg.timesteps
         xr = x0.repeat(m, 1)
@@ -515,7 +519,8 @@ def format_results(summary: dict[str, Any], cfg: ToyConfig) -> str:
         lines2.append(_row(cells))
     return (
         f"Toy study: K = {k} rewards (scales {cfg.reward_scales}), {cfg.prompts} prompts x "
-        f"{cfg.group_size} rollouts, {cfg.steps} steps, seeds {cfg.seeds}; mean ± std over seeds. "
+        f"{cfg.group_size} rollouts, {cfg.steps} steps, seeds {cfg.seeds}, advantage std "
+        f"{cfg.advantage_std!r}; mean ± std over seeds. "
         f"Worst cos = min over rewards of cos(g_k, applied update), g_k from the per-reward "
         f"advantages on the same batch; a reward has signal in a batch when some rollout has a "
         f"non-zero advantage for it. Δ = mean rollout reward over the last {summary['tail_steps']} "
@@ -616,6 +621,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (LoRA)")
     p.add_argument("--beta", type=float, default=d.beta, help="DiffusionNFT beta in (0, 1]")
     p.add_argument("--a-max", type=float, default=d.a_max, help="advantage clip (adv_clip_max)")
+    p.add_argument(
+        "--advantage-std",
+        choices=("group", "global"),
+        default=d.advantage_std,
+        help="advantage std: the group's, or the batch's per reward (DiffusionNFT's default)",
+    )
     p.add_argument("--old-decay", type=float, default=d.old_decay, help="v_old EMA decay")
     p.add_argument("--coef-decay", type=float, default=d.coef_decay, help="coefficient EMA mu")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="evaluation samples")
@@ -645,6 +656,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         lr=a.lr,
         beta=a.beta,
         a_max=a.a_max,
+        advantage_std=a.advantage_std,
         old_decay=a.old_decay,
         coef_decay=a.coef_decay,
         eval_samples=a.eval_samples,

@@ -13,21 +13,68 @@ from torch import Tensor
 
 StdMode = Literal["group", "global"]
 
-__all__ = ["group_advantages", "optimality"]
+__all__ = ["batch_moments", "group_advantages", "optimality", "pooled_std"]
+
+
+def batch_moments(rewards: Tensor) -> Tensor:
+    """``[3, K]`` float64: the count, mean and sum of squared deviations of each reward column.
+
+    One rank's share of a global standard deviation: stack every rank's moments (an all-gather of
+    this small, fixed-shape tensor) and :func:`pooled_std` gives the standard deviation of the
+    concatenated batch, exactly, whatever each rank's batch size (Chan et al.'s pairwise update).
+    ``rewards`` is ``[N, K]`` or ``[N]`` (``K = 1``).
+    """
+    x = rewards.detach().to(torch.float64)
+    x = x.unsqueeze(1) if x.ndim == 1 else x
+    if x.ndim != 2:
+        raise ValueError(f"rewards must be [N] or [N, K], got shape {tuple(rewards.shape)}")
+    n = x.shape[0]
+    mean = x.mean(0) if n else x.new_zeros(x.shape[1])
+    m2 = (x - mean).square().sum(0)
+    return torch.stack([torch.full_like(mean, float(n)), mean, m2])
+
+
+def pooled_std(moments: Tensor) -> Tensor:
+    """``[K]``: the population standard deviation of the union of the batches whose
+    :func:`batch_moments` are stacked in ``moments`` (``[R, 3, K]``, or ``[3, K]`` for one).
+    """
+    if moments.ndim == 2:
+        moments = moments.unsqueeze(0)
+    if moments.ndim != 3 or moments.shape[1] != 3:
+        raise ValueError(f"moments must be [R, 3, K] or [3, K], got {tuple(moments.shape)}")
+    n, mean, m2 = moments.to(torch.float64).unbind(1)  # each [R, K]
+    total = n.sum(0)
+    if bool((total <= 0).any()):
+        raise ValueError("pooled_std: the batches hold no rewards")
+    grand = (n * mean).sum(0) / total
+    return ((m2 + n * (mean - grand).square()).sum(0) / total).sqrt()
 
 
 def group_advantages(
     rewards: Tensor,
     group_ids: Tensor,
     eps: float = 1e-4,
-    std: StdMode = "group",
+    std: StdMode = "global",
+    global_std: Tensor | None = None,
 ) -> Tensor:
     """Per-reward advantages ``A[:, k] = (R[:, k] - mean_group) / (std + eps)``.
 
     ``rewards`` is ``[N, K]`` (or ``[N]``, treated as ``K = 1``), ``group_ids`` is ``[N]`` and
-    marks which rollouts share a prompt. ``std="group"`` divides by the standard deviation of the
-    group (DiffusionNFT / GRPO), ``std="global"`` by the standard deviation of the whole batch
-    (per reward). Standard deviations are the population ones (``unbiased=False``).
+    marks which rollouts share a prompt. The mean is always the group's (the prompt's). The
+    standard deviation, per reward, is
+
+    * ``std="global"`` (the default): that of the whole batch, all groups together. This is
+      DiffusionNFT's default (``config.sample.global_std = True`` in its ``config/base.py``; its
+      ``PerPromptStatTracker`` in ``flow_grpo/stat_tracking.py`` divides the per-prompt centred
+      rewards by ``np.std`` of all the rewards gathered from every GPU, ``+ 1e-4``). Pass
+      ``global_std`` (``[K]``, e.g. :func:`pooled_std` of every data-parallel rank's
+      :func:`batch_moments`) to use the batch of all ranks; without it, this ``rewards`` is the
+      batch.
+    * ``std="group"``: that of the group (GRPO's per-group normalisation; DiffusionNFT's option
+      ``global_std = False``). A group whose rewards barely differ gets its tiny differences
+      blown up to the size of a well-separated group's.
+
+    Standard deviations are the population ones (``unbiased=False``, as ``np.std``).
 
     Edge cases (documented behaviour, not errors): a group of size 1 has advantage 0 (there is no
     peer to compare with); a group whose rewards are all equal has advantage 0 (zero numerator).
@@ -47,6 +94,13 @@ def group_advantages(
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if global_std is not None and std != "global":
+        raise ValueError(f"global_std is only used with std='global', got std={std!r}")
+    if global_std is not None and global_std.numel() != rewards.shape[1]:
+        raise ValueError(
+            f"global_std must hold one value per reward ({rewards.shape[1]}), "
+            f"got shape {tuple(global_std.shape)}"
+        )
 
     rewards = rewards.to(torch.float32) if not rewards.is_floating_point() else rewards
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -63,7 +117,9 @@ def group_advantages(
         sq = torch.zeros_like(sums).scatter_add_(0, index, centred.square())
         sigma = (sq / counts_f).sqrt()[inverse]
     else:
-        sigma = rewards.std(dim=0, unbiased=False, keepdim=True).expand_as(rewards)
+        if global_std is None:
+            global_std = pooled_std(batch_moments(rewards))
+        sigma = global_std.reshape(1, k).to(rewards.device, rewards.dtype).expand_as(rewards)
 
     adv = centred / (sigma + eps)
     singleton = (counts == 1)[inverse].unsqueeze(1)

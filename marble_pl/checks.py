@@ -1,7 +1,8 @@
 """Checks run before any model is loaded, so a user mistake costs seconds, not a model load.
 
-* :func:`check_choices`, :func:`check_ranges`, :func:`check_optimizer`: ``model.*`` settings
-  (``MarbleModule.__init__`` calls them); :func:`check_resolution` once the sizes are known.
+* :func:`check_choices`, :func:`check_ranges`, :func:`check_old_policy_decay`,
+  :func:`check_guidance`, :func:`check_optimizer`: ``model.*`` settings (``MarbleModule.__init__``
+  calls them); :func:`check_resolution` once the sizes are known.
 
 * :func:`check_run_folder`: the folder Lightning will write logs and checkpoints to can be written.
 * :func:`load_checkpoint_file`: a checkpoint loads, or a :class:`~marble_pl.errors.CheckpointError`
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from marble_pl.errors import CheckpointError, ConfigError, RunFolderError
 from marble_pl.models import TORCH_DTYPES
+from marble_pl.schedules import DecaySchedule, decay_schedule
 
 __all__ = [
     "check_choices",
+    "check_guidance",
+    "check_old_policy_decay",
     "check_optimizer",
     "check_ranges",
     "check_resolution",
@@ -71,7 +75,6 @@ def check_choices(
 def check_ranges(
     *,
     a_max: float,
-    old_policy_decay: float,
     t_min: float,
     t_max: float,
     max_nonfinite_steps: int,
@@ -87,10 +90,6 @@ def check_ranges(
         (
             not a_max > 0,
             f"model.a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}",
-        ),
-        (
-            not 0.0 <= old_policy_decay <= 1.0,
-            f"model.old_policy_decay must be in [0, 1] (e.g. 0.5), got {old_policy_decay}",
         ),
         (
             not 0.0 <= t_min < t_max <= 1.0,
@@ -129,6 +128,29 @@ def check_ranges(
     for failed, message in problems:
         if failed:
             raise ConfigError(message)
+
+
+def check_old_policy_decay(spec: float | DecaySchedule | Mapping[str, Any]) -> DecaySchedule:
+    """``model.old_policy_decay`` as a :class:`~marble_pl.schedules.DecaySchedule`: a number is a
+    constant decay, a mapping DiffusionNFT's hold-then-ramp."""
+    try:
+        return decay_schedule(spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"model.old_policy_decay: {err}. Use a number in [0, 1] for a constant decay "
+            "(e.g. 0.5), or DiffusionNFT's ramp {hold_steps: 0, slope: 0.001, max_decay: 0.5}"
+        ) from err
+
+
+def check_guidance(guidance_scale: float) -> None:
+    """Training rolls out without classifier-free guidance: the loss's ``v_old`` is unguided."""
+    if guidance_scale > 1.0:
+        raise ConfigError(
+            f"model.guidance_scale={guidance_scale} samples the rollouts with classifier-free "
+            "guidance, but the DiffusionNFT loss uses the unguided v_old, so the rollout policy "
+            "would differ from the policy in the loss: use model.guidance_scale: 1.0 "
+            "(DiffusionNFT trains CFG-free)"
+        )
 
 
 def check_resolution(

@@ -534,8 +534,8 @@ def add_lora(
 ) -> list[nn.Parameter]:
     """Freeze every base weight and attach a LoRA adapter with ``transformer.add_adapter``.
 
-    Returns the trainable LoRA parameters (the optimiser's parameter list). ``alpha`` defaults to
-    ``rank`` (scale 1).
+    Returns the trainable LoRA parameters (the optimiser's parameter list), in float32 whatever
+    the base weights' dtype (see :func:`_keep_float32`). ``alpha`` defaults to ``rank`` (scale 1).
     """
     from peft import LoraConfig
 
@@ -564,9 +564,24 @@ def add_lora(
     )
     transformer.add_adapter(config, adapter_name=adapter_name)
     params = list(lora_parameters(transformer, adapter_name).values())
+    _keep_float32(params)
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _keep_float32(params: Sequence[nn.Parameter]) -> None:
+    """Store LoRA parameters in float32 in place (peft creates them in the base layer's dtype).
+
+    Every adapter, trained or sampling, is float32 whatever the frozen weights' dtype: AdamW
+    updates and the EMA ``v_old <- decay * v_old + (1 - decay) * v_theta`` would otherwise be
+    rounded to bfloat16's 8 mantissa bits (at decay 0.999 about half the entries would never
+    move). peft's LoRA forward casts the input to the LoRA weights' dtype and the sum back to the
+    base layer's output dtype, so a bfloat16 base keeps bfloat16 activations.
+    """
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
@@ -641,6 +656,7 @@ def add_sampling_adapter(
     """Add adapter ``dst`` as a frozen copy of ``src``: DiffusionNFT's sampling policy ``v_old``.
 
     ``src`` stays the active (trained) adapter; ``dst`` is only used inside ``use_adapter(dst)``.
+    ``dst`` is stored in float32 whatever the base weights' dtype, as :func:`add_lora`'s adapter.
     """
     peft_config = getattr(transformer, "peft_config", None) or {}
     if src not in peft_config:
@@ -658,6 +674,7 @@ def add_sampling_adapter(
     for p, flag in flags.items():
         p.requires_grad_(flag)
     src_params, dst_params = _zip_adapters(transformer, src, dst)
+    _keep_float32(dst_params)
     with torch.no_grad():
         for s, d in zip(src_params, dst_params, strict=True):
             d.copy_(s)

@@ -8,10 +8,11 @@ modules; this file wires them to the models, the optimizer and the logger.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from marble_pl.advantages import StdMode, group_advantages, optimality
+from marble_pl.advantages import (
+    StdMode,
+    batch_moments,
+    group_advantages,
+    optimality,
+    pooled_std,
+)
 from marble_pl.balance import (
     BalanceResult,
     FixedWeights,
@@ -35,6 +42,8 @@ from marble_pl.balance import (
 )
 from marble_pl.checks import (
     check_choices,
+    check_guidance,
+    check_old_policy_decay,
     check_optimizer,
     check_ranges,
     check_resolution,
@@ -59,7 +68,9 @@ from marble_pl.models import (
 )
 from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
 from marble_pl.rewards import build_rewards
-from marble_pl.rollout import RolloutConfig, rollout
+from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
+from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule
+from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
 
 BalancerName = Literal["marble", "weighted_sum", "single"]
 LossForm = Literal["reference", "plain"]
@@ -104,9 +115,10 @@ class GradientContext:
 
     ``r`` is ``[N, K]`` (one estimator per reward, whatever the balancer), ``r_applied`` the
     ``[N]`` optimality probabilities of the update about to be applied. In ``output`` space
-    ``stats`` are :func:`~marble_pl.nft.nft_output_stats` (output-space Grams of any ``r``); in
-    ``parameters`` space ``grads`` / ``direction`` are the per-reward gradients and the update.
-    :meth:`param_grads` costs one backward per column, on the step's retained graph.
+    ``stats`` are :func:`~marble_pl.nft.nft_output_stats` summed over each image's training
+    timesteps (output-space Grams of any ``r``); in ``parameters`` space ``grads`` /
+    ``direction`` are the per-reward gradients and the update. :meth:`param_grads` runs one
+    forward and one backward per column over the step's micro-batches.
     """
 
     module: MarbleModule
@@ -118,17 +130,42 @@ class GradientContext:
     stats: Tensor | None
     grads: Tensor | None
     direction: Tensor | None
-    loss_fn: Callable[[Tensor], Tensor]
+    grads_fn: Callable[[Tensor], Tensor]
 
     def param_grads(self, r_cols: Tensor) -> Tensor:
-        """Exact parameter-space gradients ``[J, P]`` of the mean NFT loss for ``r_cols [N, J]``."""
-        losses = self.loss_fn(r_cols).mean(0)
-        grads = parameter_grads(losses, self.module.lora_params, retain_graph=True)
-        return self.module._all_reduce_mean(grads)
+        """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``."""
+        return self.module._all_reduce_mean(self.grads_fn(r_cols))
 
     def reduce_sum(self, x: Tensor) -> Tensor:
         """Sum over data-parallel ranks (output-space Grams add up over samples)."""
         return self.module._all_reduce_sum(x)
+
+
+Forward = tuple[Tensor | None, Tensor]
+"""A micro-batch's ``(v_theta, v_old)`` kept for the update (``v_theta`` None: run it again)."""
+
+
+@dataclass
+class TrainingPairs:
+    """The (image, timestep) pairs one update trains on, image-major: ``x_t``, ``t``, ``v*``.
+
+    ``image[p]`` is the rollout image of pair ``p``; ``count`` pairs per image.
+    """
+
+    x_t: Tensor
+    t: Tensor
+    v_target: Tensor
+    image: Tensor
+    count: int
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def chunks(self, size: int | None) -> list[slice]:
+        """Consecutive micro-batches of at most ``size`` pairs (one when ``size`` is None)."""
+        n = len(self)
+        size = n if size is None else size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 class MarbleModule(LightningModule):
@@ -152,14 +189,29 @@ class MarbleModule(LightningModule):
         normalization: gradient normalisation before the Gram: ``none``, ``l2`` or ``loss``.
         beta: DiffusionNFT's guidance strength, in (0, 1].
         a_max: advantage clip (DiffusionNFT's ``adv_clip_max``); ``r`` in [0, 1].
-        advantage_std: ``group`` or ``global`` standard deviation for the advantages.
+        advantage_std: the advantages' standard deviation, per reward (the mean is always the
+            prompt's group's). ``global``: that of the global batch, every data-parallel rank's
+            rollouts (one all-gather); DiffusionNFT's default (``sample.global_std = True``).
+            ``group``: each group's own (GRPO-style; it inflates near-ties within a group).
+            ``global`` is the default because the toy study (``benchmarks/toy_study.py
+            --advantage-std``, 3 seeds) shows no clear difference: guarded MARBLE's reward gains
+            +0.104 / +0.062 / +0.016 with ``global`` against +0.101 / +0.058 / +0.016 with
+            ``group`` (every gap under one seed std), every reward up in 3 of 3 seeds and 0 % of
+            batches with a negative worst cosine either way; so it follows DiffusionNFT.
         advantage_eps: added to the standard deviation.
         loss_form: ``reference`` (DiffusionNFT's x0-space adaptive-weighted loss, scaled by
             ``a_max / beta``) or ``plain`` (mean squared velocity error).
         kl_beta: weight of ``mean (v_theta - v_ref)^2`` against the frozen base model (0: off).
-        old_policy_decay: ``v_old <- decay * v_old + (1 - decay) * v_theta`` after each step.
+        old_policy_decay: the sampling policy's EMA ``v_old <- decay * v_old + (1 - decay) *
+            v_theta`` after each step: a number (constant decay) or a
+            :class:`~marble_pl.schedules.DecaySchedule` ``{hold_steps, slope, max_decay}``,
+            decay 0 for ``hold_steps`` steps then ``min(slope * (step - hold_steps), max_decay)``.
+            Default: DiffusionNFT's SD3.5 (multi-reward) ramp ``{0, 0.001, 0.5}``.
+            :meth:`sampling_decay` gives the value of the current step.
         lora_rank, lora_alpha, lora_target_modules: the LoRA adapter (peft).
         num_inference_steps, guidance_scale, resolution, noise_level: rollout sampler settings.
+            ``guidance_scale`` must be <= 1 (no CFG): the loss's ``v_old`` is unguided, as in
+            DiffusionNFT, so guided rollouts would come from another policy (a ``ConfigError``).
         t_min, t_max: training timesteps ``t ~ U(t_min, t_max)``.
         optimizer: optimizer over the LoRA parameters (AdamW by default).
         lr_scheduler: optional LR scheduler, stepped every training step.
@@ -172,6 +224,16 @@ class MarbleModule(LightningModule):
         gradient_checkpointing: recompute the transformer's activations in the backward pass.
         max_nonfinite_steps: stop with an error after this many NaN/inf updates in a row (each one
             is skipped and counted in ``updates/skipped_nonfinite``).
+        timesteps_per_image: training timesteps per rollout image, each with fresh noise: a count
+            (``int``) or a fraction of ``num_inference_steps`` (``float``; DiffusionNFT: 0.9).
+        timestep_sampling: ``sampler`` (distinct entries of the sampler's own shifted schedule,
+            as DiffusionNFT) or ``uniform`` (``t ~ U(t_min, t_max)``).
+        micro_batch_size: (image, timestep) pairs per forward/backward; their gradients
+            accumulate into ONE optimizer step per rollout batch (None: all pairs at once).
+            With more than one micro-batch the balance still sees the whole batch: a no-grad
+            forward pass gathers its Gram first (one extra forward of the trained policy).
+        rollout_chunk_size: prompts sampled per rollout call (None: the whole batch at once);
+            with ``noise_level > 0`` the SDE noise then depends on the chunking.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -191,16 +253,16 @@ class MarbleModule(LightningModule):
         normalization: Normalization = "none",
         beta: float = 1.0,
         a_max: float = 5.0,
-        advantage_std: StdMode = "group",
+        advantage_std: StdMode = "global",
         advantage_eps: float = 1e-4,
         loss_form: LossForm = "reference",
         kl_beta: float = 0.0,
-        old_policy_decay: float = 0.5,
+        old_policy_decay: float | DecaySchedule = DIFFUSIONNFT_DECAY,
         lora_rank: int = 32,
         lora_alpha: float = 64.0,
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         num_inference_steps: int = 10,
-        guidance_scale: float = 4.5,
+        guidance_scale: float = 1.0,
         resolution: int = 512,
         noise_level: float = 0.0,
         t_min: float = 0.0,
@@ -211,17 +273,23 @@ class MarbleModule(LightningModule):
         nonfinite_rewards: NonFinitePolicy = "error",
         max_sequence_length: int = 256,
         max_nonfinite_steps: int = 3,
+        timesteps_per_image: int | float = 1,
+        timestep_sampling: TimestepSampling = "sampler",
+        micro_batch_size: int | None = None,
+        rollout_chunk_size: int | None = None,
         seed: int = 0,
     ) -> None:
+        schedule = check_old_policy_decay(old_policy_decay)
+        old_policy_decay = schedule.as_plain()  # hparams/checkpoints hold plain data only
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.old_policy_schedule = schedule
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the LoRA weights only, not the base model
         check_beta(beta)
         check_choices(balancer, gradient_space, loss_form, nonfinite_rewards, weights_dtype)
         check_ranges(
             a_max=a_max,
-            old_policy_decay=old_policy_decay,
             t_min=t_min,
             t_max=t_max,
             max_nonfinite_steps=max_nonfinite_steps,
@@ -232,6 +300,7 @@ class MarbleModule(LightningModule):
             resolution=resolution,
             gradient_clip_norm=gradient_clip_norm,
         )
+        check_guidance(guidance_scale)
         check_optimizer(optimizer, lr_scheduler)
 
         self.rewards = build_rewards(list(rewards))
@@ -277,6 +346,17 @@ class MarbleModule(LightningModule):
         self.last_timing: dict[str, float] = {}
         self._negative: tuple[Tensor, Tensor] | None = None
         self._configured = False
+        self.timesteps_count = check_timesteps(
+            timesteps_per_image, timestep_sampling, num_inference_steps
+        )
+        for name, value in (
+            ("micro_batch_size", micro_batch_size),
+            ("rollout_chunk_size", rollout_chunk_size),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"model.{name} must be >= 1, or null for all at once, got {value}"
+                )
 
     # ------------------------------------------------------------------ models
 
@@ -323,9 +403,7 @@ class MarbleModule(LightningModule):
             alpha=hp.lora_alpha,
             target_modules=list(hp.lora_target_modules),
         )
-        for p in self.lora_params:  # trainable weights in float32 whatever the base dtype
-            p.data = p.data.float()
-        add_sampling_adapter(self.transformer)
+        add_sampling_adapter(self.transformer)  # both adapters float32 whatever the base dtype
         if hp.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.patch_size = int(self.transformer.config.patch_size)
@@ -471,7 +549,9 @@ class MarbleModule(LightningModule):
         """``r``: ``[N, K]``, one estimator per reward; or ``[N, 1]`` on ``R @ combine``.
 
         ``combine`` is the weighted sum's ``w`` (a one-hot for ``single``). Dropped (non-finite)
-        scores get their group's mean before the advantages and ``r = 0.5`` after.
+        scores get their group's mean before the advantages and ``r = 0.5`` after. With
+        ``advantage_std: global`` the standard deviation is that of the global batch, every
+        data-parallel rank's rewards (one small all-gather; every rank must call this).
         """
         hp = self.hparams
         clean = torch.where(bad, torch.zeros_like(rewards), rewards)
@@ -482,7 +562,10 @@ class MarbleModule(LightningModule):
             clean, bad = (clean @ w).unsqueeze(1), mask
         elif bad.any():
             clean = self._fill_group_mean(clean, bad, group_ids)
-        adv = group_advantages(clean, group_ids, eps=hp.advantage_eps, std=hp.advantage_std)
+        sigma = self._global_std(clean) if hp.advantage_std == "global" else None
+        adv = group_advantages(
+            clean, group_ids, eps=hp.advantage_eps, std=hp.advantage_std, global_std=sigma
+        )
         r = optimality(adv, hp.a_max)
         return torch.where(bad, torch.full_like(r, 0.5), r)
 
@@ -610,9 +693,7 @@ class MarbleModule(LightningModule):
 
         # 1. Rollout with the sampling policy v_old (no grad), per-sample seeded noise.
         n = len(prompts)
-        shape = self.rollout_config.latent_shape(self.transformer, self.vae_scale_factor)
-        noise = self._per_sample(n, 0, lambda g: torch.randn(shape, generator=g))
-        out = self.sample(prompts, self._generator(0), noise=noise)
+        out = self.rollout_batch(prompts)
         x0, embeds, pooled = out.latents, out.prompt_embeds, out.pooled_prompt_embeds
         t1 = time.perf_counter()
 
@@ -628,33 +709,21 @@ class MarbleModule(LightningModule):
             ).to(x0.dtype)
         t2 = time.perf_counter()
 
-        # 4. DiffusionNFT forward: x_t on the forward process, v_theta (grad) and v_old (no grad).
-        span = hp.t_max - hp.t_min
-        t = hp.t_min + span * self._per_sample(n, 1, lambda g: torch.rand((), generator=g))
-        t = t.to(x0.dtype)
-        eps = self._per_sample(n, 2, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0.dtype)
-        tt = t.view(-1, *([1] * (x0.ndim - 1)))
-        x_t = (1 - tt) * x0 + tt * eps
-        v_target = eps - x0
-        with torch.no_grad(), use_adapter(self.transformer, SAMPLING_ADAPTER):
-            v_old = self.velocity(x_t, t, embeds, pooled)
-        v_theta = self.velocity(x_t, t, embeds, pooled)
-        kw = self._loss_kwargs(t)
+        # 4. Training pairs: T timesteps per image, fresh noise each, x_t on the forward process.
+        pairs = self.training_pairs(x0)
+        cond = (embeds, pooled)
         monitors = self._gradient_monitors()
-
-        # 5-7. Per-reward gradients -> balance (OSQP) -> coefficient EMA.
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        losses = nft_loss(v_theta, v_old, v_target, r, hp.beta, **kw).mean(0)  # [K]
+
+        # 5-7. Per-reward gradients of the WHOLE batch -> balance (OSQP) -> coefficient EMA.
         grads = direction = m = stats = None
-        keep_graph = hp.kl_beta > 0 or bool(monitors)
         if hp.gradient_space == "parameters":
-            grads = self._all_reduce_mean(
-                parameter_grads(losses, self.lora_params, retain_graph=keep_graph)
-            )
+            grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r)
             m = gram(grads)
-        elif hp.balancer == "marble" or monitors:  # 3 inner products per sample, no backward
-            stats = nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+        else:
+            need_stats = hp.balancer == "marble" or bool(monitors)
+            stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats)
             if hp.balancer == "marble":
                 m = self._all_reduce_sum(output_gram(stats, r))
         raw, weights, result = self._coefficients(m, losses)
@@ -674,24 +743,17 @@ class MarbleModule(LightningModule):
                 stats=stats,
                 grads=grads,
                 direction=direction,
-                loss_fn=lambda cols: nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw),
+                grads_fn=lambda cols: self.loss_grads(pairs, cond, cols),
             )
             for cb in monitors:
                 cb.on_marble_gradients(self.trainer, self, ctx)
 
-        # 8. One update along d = sum_k lambda_bar_k g_k.
+        # 8. ONE update along d = sum_k lambda_bar_k g_k (+ the KL gradient), all micro-batches.
         if direction is not None:
-            assign_flat_grad(self.lora_params, direction)
+            assign_flat_grad(self.lora_params, direction + kl_grad)
             loss = losses.detach() @ lam.to(losses.dtype)
         else:
-            loss = nft_loss(v_theta, v_old, v_target, r_bar, hp.beta, **kw).mean()
-            self.manual_backward(loss)  # ONE backward gives sum_k lambda_bar_k g_k (affine in r)
-        kl = None
-        if hp.kl_beta > 0:
-            with torch.no_grad(), use_adapter(self.transformer, None):
-                v_ref = self.velocity(x_t, t, embeds, pooled)
-            kl = hp.kl_beta * (v_theta - v_ref).square().mean()
-            self.manual_backward(kl)
+            loss, kl = self.accumulate_update(pairs, cond, r_bar, kept)
         skip = self._skip_reason(self._grad_norm())
         if skip is None and hp.gradient_clip_norm is not None:
             self.clip_gradients(
@@ -706,13 +768,199 @@ class MarbleModule(LightningModule):
         if sched is not None:
             sched.step()
         if skip is None:  # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
-            ema_update_adapter(self.transformer, decay=hp.old_policy_decay)
+            ema_update_adapter(self.transformer, decay=self.sampling_decay())
         t3 = time.perf_counter()
 
         self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
         self.last_timing = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2}
         self._log_step(rewards, bad, loss, kl, raw, weights, result, (t1 - t0, t2 - t1, t3 - t2), n)
         return loss.detach()
+
+    # ------------------------------------------------------------------ stages of a step
+
+    def rollout_batch(self, prompts: Sequence[str]) -> RolloutOutput:
+        """Roll out the batch with ``v_old``, ``rollout_chunk_size`` prompts per call."""
+        n = len(prompts)
+        shape = self.rollout_config.latent_shape(self.transformer, self.vae_scale_factor)
+        noise = self._per_sample(n, 0, lambda g: torch.randn(shape, generator=g))
+        generator = self._generator(0)
+        size = self.hparams.rollout_chunk_size or n
+        outs = [
+            self.sample(prompts[i : i + size], generator, noise=noise[i : i + size])
+            for i in range(0, n, size)
+        ]
+        if len(outs) == 1:
+            return outs[0]
+        return RolloutOutput(
+            **{f.name: torch.cat([getattr(o, f.name) for o in outs]) for f in fields(RolloutOutput)}
+        )
+
+    def training_pairs(self, x0: Tensor) -> TrainingPairs:
+        """``T`` timesteps per image (seeded by the image's global index), fresh noise each."""
+        hp = self.hparams
+        n, count = x0.shape[0], self.timesteps_count
+        sigmas = schedule_sigmas(
+            self.scheduler, hp.num_inference_steps, tuple(x0.shape[1:]), self.patch_size
+        )
+        t = self._per_sample(
+            n,
+            1,
+            lambda g: draw_timesteps(g, count, hp.timestep_sampling, sigmas, hp.t_min, hp.t_max),
+        ).to(x0.dtype)  # [N, T]
+        eps = self._per_sample(n, 2, lambda g: torch.randn((count, *x0.shape[1:]), generator=g))
+        eps = eps.to(x0.dtype).flatten(0, 1)  # [N * T, ...], image-major
+        x0_p = x0.repeat_interleave(count, dim=0)
+        t = t.flatten()
+        tt = t.view(-1, *([1] * (x0.ndim - 1)))
+        image = torch.arange(n, device=x0.device).repeat_interleave(count)
+        return TrainingPairs((1 - tt) * x0_p + tt * eps, t, eps - x0_p, image, count)
+
+    def _pair_forward(
+        self, pairs: TrainingPairs, mb: slice, cond: tuple[Tensor, Tensor], *, v_old: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``(v_theta, v_old, v*, loss kwargs)`` of one micro-batch; ``v_theta`` with grad if on."""
+        embeds, pooled = (c[pairs.image[mb]] for c in cond)
+        x_t, t = pairs.x_t[mb], pairs.t[mb]
+        if v_old is None:
+            with torch.no_grad(), use_adapter(self.transformer, SAMPLING_ADAPTER):
+                v_old = self.velocity(x_t, t, embeds, pooled)
+        v_theta = self.velocity(x_t, t, embeds, pooled)
+        return v_theta, v_old, pairs.v_target[mb], self._loss_kwargs(t)
+
+    def _kl(self, pairs: TrainingPairs, mb: slice, cond: tuple[Tensor, Tensor], v_theta: Tensor):
+        """``kl_beta * sum over the micro-batch of mean (v_theta - v_ref)^2`` (base model v_ref)."""
+        embeds, pooled = (c[pairs.image[mb]] for c in cond)
+        with torch.no_grad(), use_adapter(self.transformer, None):
+            v_ref = self.velocity(pairs.x_t[mb], pairs.t[mb], embeds, pooled)
+        return self.hparams.kl_beta * (v_theta - v_ref).square().flatten(1).mean(1).sum()
+
+    def output_space_stats(
+        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor, need_stats: bool
+    ) -> tuple[Tensor | None, Tensor | None, list[Forward] | None]:
+        """Output-space statistics per image (summed over its timesteps) and the mean losses.
+
+        One micro-batch: its forward WITH grad gives them, and is kept for the update (no extra
+        cost). More: a no-grad forward of every micro-batch first (the balance needs the whole
+        batch), whose ``v_old`` is kept. Returns ``(stats [N, 3], losses [K], kept forwards)``.
+        """
+        hp = self.hparams
+        chunks = pairs.chunks(hp.micro_batch_size)
+        if not need_stats or len(chunks) == 1:
+            return (
+                self._stats_from_update_pass(pairs, cond, r) if need_stats else (None, None, None)
+            )
+        n = int(r.shape[0])
+        stats = torch.zeros(n, 3, dtype=torch.float64, device=r.device)
+        loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
+        cache: list[Forward] = []
+        with torch.no_grad():
+            for mb in chunks:
+                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+                cache.append((None, v_old))
+                rows = r[pairs.image[mb]]
+                stats.index_add_(
+                    0, pairs.image[mb], nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+                )
+                loss_sum += nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw).double().sum(0)
+        return stats, (loss_sum / len(pairs)).to(r.dtype), cache
+
+    def _stats_from_update_pass(
+        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor
+    ) -> tuple[Tensor, Tensor, list[Forward]]:
+        """Single micro-batch: one forward gives the statistics AND, kept, the update's graph."""
+        hp = self.hparams
+        mb = pairs.chunks(None)[0]
+        v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+        stats = torch.zeros(r.shape[0], 3, dtype=torch.float64, device=r.device)
+        stats.index_add_(0, pairs.image, nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw))
+        losses = nft_loss(v_theta, v_old, v_target, r[pairs.image], hp.beta, **kw).mean(0)
+        return stats, losses.detach(), [(v_theta, v_old)]
+
+    def accumulate_update(
+        self,
+        pairs: TrainingPairs,
+        cond: tuple[Tensor, Tensor],
+        r_bar: Tensor,
+        kept: list[Forward] | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Backward of ``mean NFT loss(r_bar) + KL`` over all micro-batches: gradients add up.
+
+        ONE backward per micro-batch gives ``sum_k lambda_bar_k g_k`` (the loss is affine in r).
+        Returns the mean loss and the KL term (None when ``kl_beta == 0``).
+        """
+        hp = self.hparams
+        total = float(len(pairs))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
+        chunks = pairs.chunks(hp.micro_batch_size)
+        for i, mb in enumerate(chunks):
+            v_theta, v_old = kept[i] if kept is not None else (None, None)
+            if v_theta is None:
+                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=v_old)
+            else:
+                v_target, kw = pairs.v_target[mb], self._loss_kwargs(pairs.t[mb])
+            part = nft_loss(v_theta, v_old, v_target, r_bar[pairs.image[mb]], hp.beta, **kw).sum()
+            objective = part / total
+            loss_sum += part.detach().double()
+            if hp.kl_beta > 0:
+                kl = self._kl(pairs, mb, cond, v_theta) / total
+                objective = objective + kl
+                kl_sum += kl.detach().double()
+            with self._no_sync_unless(i == len(chunks) - 1):
+                self.manual_backward(objective)
+        kl_out = kl_sum.float() if hp.kl_beta > 0 else None
+        return (loss_sum / total).float(), kl_out
+
+    def _no_sync_unless(self, last: bool) -> Any:
+        """DDP's ``no_sync`` for all but the last micro-batch: gradients all-reduce once."""
+        model = getattr(self.trainer.strategy, "model", None) if self._trainer is not None else None
+        if last or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def parameter_space_grads(
+        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Exact per-reward gradients ``[K, P]`` of the batch's mean loss, the KL gradient
+        ``[P]``, the mean losses ``[K]`` and the KL value; K (+1) backwards per micro-batch."""
+        hp = self.hparams
+        total = float(len(pairs))
+        grads = kl_grad = None
+        loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=r.device)
+        for mb in pairs.chunks(hp.micro_batch_size):
+            v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+            losses = nft_loss(v_theta, v_old, v_target, r[pairs.image[mb]], hp.beta, **kw)
+            objectives = list(losses.sum(0) / total)
+            if hp.kl_beta > 0:
+                kl = self._kl(pairs, mb, cond, v_theta) / total
+                objectives.append(kl)
+                kl_sum += kl.detach().double()
+            g = parameter_grads(torch.stack(objectives), self.lora_params)
+            grads = g[: r.shape[1]] if grads is None else grads + g[: r.shape[1]]
+            if hp.kl_beta > 0:
+                kl_grad = g[-1] if kl_grad is None else kl_grad + g[-1]
+            loss_sum += losses.detach().double().sum(0)
+        grads = self._all_reduce_mean(grads)
+        kl_grad = torch.zeros_like(grads[0]) if kl_grad is None else self._all_reduce_mean(kl_grad)
+        kl_out = kl_sum.float() if hp.kl_beta > 0 else None
+        return grads, kl_grad, (loss_sum / total).to(r.dtype), kl_out
+
+    def loss_grads(
+        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r_cols: Tensor
+    ) -> Tensor:
+        """``[J, P]`` parameter gradients of the batch's mean NFT loss, one per column of
+        ``r_cols [N, J]`` (this rank's part; re-runs each micro-batch's forward)."""
+        hp = self.hparams
+        total = float(len(pairs))
+        out = None
+        for mb in pairs.chunks(hp.micro_batch_size):
+            v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+            cols = r_cols[pairs.image[mb]].to(v_theta.dtype)
+            losses = nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw).sum(0) / total
+            g = parameter_grads(losses, self.lora_params)
+            out = g if out is None else out + g
+        return out
 
     # ------------------------------------------------------------------ logging
 
@@ -847,3 +1095,24 @@ class MarbleModule(LightningModule):
             for key, value in configured.items():
                 if key != "params" and key not in owned_by_scheduler:
                     group[key] = value
+
+    def _global_std(self, rewards: Tensor) -> Tensor:
+        """``[K]``: population std of ``rewards`` over every data-parallel rank's batch.
+
+        Each rank's ``(count, mean, M2)`` per reward are all-gathered and pooled exactly
+        (:func:`~marble_pl.advantages.pooled_std`); the per-prompt means stay per rank, as groups
+        never span ranks. On one process it is the std of this batch.
+        """
+        moments = batch_moments(rewards)  # [3, K] float64
+        if self._trainer is not None and self.trainer.world_size > 1:
+            moments = self.trainer.strategy.all_gather(moments)  # [W, 3, K]
+        return pooled_std(moments)
+
+    def sampling_decay(self, step: int | None = None) -> float:
+        """The decay of ``v_old <- decay * v_old + (1 - decay) * v_theta`` at ``step``.
+
+        ``step`` defaults to ``self.global_step``, which after the optimizer step of
+        ``training_step`` already counts that step: the first update uses ``schedule(1)``, as
+        DiffusionNFT's ``return_decay(global_step)`` after its increment.
+        """
+        return self.old_policy_schedule(self.global_step if step is None else step)

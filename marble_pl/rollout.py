@@ -143,6 +143,17 @@ def _set_timesteps(
         scheduler.set_timesteps(num_steps, device=device)
 
 
+def schedule_sigmas(
+    scheduler: object, num_steps: int, latent_shape: tuple[int, int, int], patch_size: int
+) -> Tensor:
+    """The sampler's ``num_steps`` timesteps ``t`` in (0, 1] (its sigmas without the final 0),
+    shifted exactly as a rollout of ``latent_shape`` latents shifts them; on the CPU."""
+    sched = copy.deepcopy(scheduler)
+    seq_len = (latent_shape[1] // patch_size) * (latent_shape[2] // patch_size)
+    _set_timesteps(sched, num_steps, seq_len, torch.device("cpu"))
+    return sched.sigmas[:num_steps].to(dtype=torch.float32, device="cpu")
+
+
 def _sde_step(
     v: Tensor,
     x: Tensor,

@@ -23,13 +23,18 @@ class Record(Callback):
         self.raw: list[list[float]] = []
         self.applied: list[list[float]] = []
         self.prompts: list[list[str]] = []
-        self.grams: list[torch.Tensor] = []
+        self.grams: list[torch.Tensor | None] = []
+        self.r: list[torch.Tensor] = []
+        self.r_train: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.raw.append(pl_module.last_step.weights_raw.tolist())
         self.applied.append(pl_module.last_step.weights.tolist())
         self.prompts.append(list(batch["prompts"]))
-        self.grams.append(pl_module.last_step.gram.clone())
+        gram = pl_module.last_step.gram  # None for the weighted-sum baseline
+        self.grams.append(None if gram is None else gram.clone())
+        self.r.append(pl_module.last_step.r.clone())
+        self.r_train.append(pl_module.last_step.r_train.clone())
 
 
 def main() -> None:
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, required=True)
     parser.add_argument("--space", default="output")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--advantage_std", default="group", choices=("group", "global"))
+    parser.add_argument("--balancer", default="marble")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -53,6 +60,8 @@ def main() -> None:
             "contrast",
         ],  # smooth: JPEG size jumps on 1-ulp changes
         gradient_space=args.space,
+        advantage_std=args.advantage_std,
+        balancer=args.balancer,
         lora_rank=4,
         lora_alpha=8.0,
         num_inference_steps=3,
@@ -89,6 +98,8 @@ def main() -> None:
             "applied": record.applied,
             "prompts": record.prompts,
             "grams": record.grams,
+            "r": record.r,
+            "r_train": record.r_train,
             "lora": lora,
         },
         Path(args.out) / f"rank{trainer.global_rank}.pt",

@@ -138,3 +138,11 @@ def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
     module = _load("step_time")
     with pytest.raises(SystemExit):
         module.main(["--smoke", "--model.lora_rank=2", "--out", str(tmp_path / "st.md")])
+
+
+def test_toy_study_advantage_std_option() -> None:
+    toy = _load("toy_study")
+    assert toy.parse_args([])[0].advantage_std == "global"  # DiffusionNFT's default, the module's
+    assert toy.parse_args(["--advantage-std", "group"])[0].advantage_std == "group"
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--advantage-std", "bogus"])

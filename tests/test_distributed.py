@@ -34,24 +34,30 @@ def run(tmp_path: Path, name: str, **kw) -> Path:
     return out
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("space", ["output", "parameters"])
-def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space):
-    # The single process reads each step's prompts in the order rank 0's then rank 1's (as the
-    # DDP run was dealt them), so global sample i is the same image in both runs.
+def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str]]:
+    """Rank 0's and rank 1's records of a 2-process run, the 1-process run's, and its prompts.
+
+    The single process reads each step's prompts in the order rank 0's then rank 1's (as the
+    DDP run was dealt them), so global sample i is the same image in both runs.
+    """
     ddp_file = tmp_path / "ddp.txt"
     ddp_file.write_text("\n".join(PROMPTS) + "\n")
-    common = {"model": tiny_sd3_path, "space": space, "steps": 2}
     ddp = run(tmp_path, "ddp", prompts=ddp_file, devices=2, batch_size=2, **common)
     dealt = [torch.load(ddp / f"rank{i}.pt")["prompts"] for i in (0, 1)]
     order = [p for step in range(2) for rank in (0, 1) for p in dealt[rank][step][::3]]
     single_file = tmp_path / "single.txt"
     single_file.write_text("\n".join(order) + "\n")
     single = run(tmp_path, "single", prompts=single_file, devices=1, batch_size=4, **common)
-
     r0, r1 = (torch.load(ddp / f"rank{i}.pt") for i in (0, 1))
-    ref = torch.load(single / "rank0.pt")
+    return r0, r1, torch.load(single / "rank0.pt"), order
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["output", "parameters"])
+def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space):
+    common = {"model": tiny_sd3_path, "space": space, "steps": 2, "advantage_std": "group"}
+    r0, r1, ref, order = ddp_and_single(tmp_path, **common)
     # Every rank applied the very same coefficients ...
     assert r0["applied"] == r1["applied"]
     # ... equal to the single process's, step by step.
@@ -70,6 +76,29 @@ def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_pat
         torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
     moved = [k for k, v in ref["lora"].items() if ".default." in k]
     assert moved
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("balancer", ["marble", "weighted_sum"])
+def test_global_advantage_std_spans_the_ranks(tmp_path, tiny_sd3_path, balancer):
+    # advantage_std: global divides by the std of the GLOBAL batch (DiffusionNFT's default): each
+    # rank's optimality probabilities are the rows of the 1-process run on the concatenated batch.
+    common = {"model": tiny_sd3_path, "steps": 2, "advantage_std": "global", "balancer": balancer}
+    r0, r1, ref, _ = ddp_and_single(tmp_path, **common)
+    for step in range(2):
+        rows = torch.cat([r0["r"][step], r1["r"][step]])  # [N, K] per reward, whatever balancer
+        assert rows.shape == ref["r"][step].shape == (12, 3)
+        torch.testing.assert_close(rows, ref["r"][step], atol=1e-5, rtol=1e-5)
+        assert not torch.all(rows == 0.5)  # a real signal, not all neutral
+        trained = torch.cat([r0["r_train"][step], r1["r_train"][step]])  # weighted_sum: R @ w
+        torch.testing.assert_close(trained, ref["r_train"][step], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(r0["applied"]), torch.tensor(ref["applied"]), atol=1e-4, rtol=1e-4
+    )
+    for key, value in ref["lora"].items():
+        torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
 
 
 # Callback periods shortened for a 4-step run: every callback still fires, some more than once.

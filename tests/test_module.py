@@ -95,7 +95,10 @@ class Recorder(Callback):
 
 
 def test_parameters_mode_applies_ema_weighted_sum_of_reward_gradients(tiny_sd3_path):
-    module = make_module(tiny_sd3_path, gradient_space="parameters", old_policy_decay=1.0)
+    # group std: every reward keeps a comparable gradient, so lambda* is interior and moves
+    module = make_module(
+        tiny_sd3_path, gradient_space="parameters", old_policy_decay=1.0, advantage_std="group"
+    )
     ema, rec_cb = CoefficientEMA(decay=0.5, guard=False), Recorder()
     module.configure_model()
     with torch.no_grad():
