@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--advantage_std", default="group", choices=("group", "global"))
     parser.add_argument("--balancer", default="marble")
+    parser.add_argument("--timesteps_per_image", type=int, default=1)
+    parser.add_argument("--micro_batch_size", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -62,6 +64,8 @@ def main() -> None:
         gradient_space=args.space,
         advantage_std=args.advantage_std,
         balancer=args.balancer,
+        timesteps_per_image=args.timesteps_per_image,
+        micro_batch_size=args.micro_batch_size,
         lora_rank=4,
         lora_alpha=8.0,
         num_inference_steps=3,

@@ -54,9 +54,20 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("space", ["output", "parameters"])
-def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space):
+@pytest.mark.parametrize(
+    ("space", "recipe"),
+    [
+        ("output", {}),
+        ("parameters", {}),
+        # 2 timesteps per image in micro-batches of 4 pairs: the balance and the one update
+        # accumulate over micro-batches AND ranks (DDP syncs the gradient once, at the last).
+        ("output", {"timesteps_per_image": 2, "micro_batch_size": 4}),
+    ],
+    ids=["output", "parameters", "output-micro-batches"],
+)
+def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space, recipe):
     common = {"model": tiny_sd3_path, "space": space, "steps": 2, "advantage_std": "group"}
+    common.update(recipe)
     r0, r1, ref, order = ddp_and_single(tmp_path, **common)
     # Every rank applied the very same coefficients ...
     assert r0["applied"] == r1["applied"]
