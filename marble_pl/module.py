@@ -234,6 +234,11 @@ class MarbleModule(LightningModule):
             forward pass gathers its Gram first (one extra forward of the trained policy).
         rollout_chunk_size: prompts sampled per rollout call (None: the whole batch at once);
             with ``noise_level > 0`` the SDE noise then depends on the chunking.
+        lagged_balance: with several micro-batches in ``output`` space, apply the coefficients of
+            the earlier batches (``lambda_bar``) and fold this batch's Gram, which the update's
+            own forwards give, into them afterwards: no extra forward pass, a one-step lag and
+            no guard (the Gram is only known after the update). False: the exact balance of
+            the batch, at the cost of one no-grad forward pass of the trained policy.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -277,6 +282,7 @@ class MarbleModule(LightningModule):
         timestep_sampling: TimestepSampling = "sampler",
         micro_batch_size: int | None = None,
         rollout_chunk_size: int | None = None,
+        lagged_balance: bool = False,
         seed: int = 0,
     ) -> None:
         schedule = check_old_policy_decay(old_policy_decay)
@@ -598,9 +604,13 @@ class MarbleModule(LightningModule):
         return {}
 
     def _coefficients(
-        self, m: Tensor | None, losses: Tensor
+        self, m: Tensor | None, losses: Tensor, guard: bool = True
     ) -> tuple[np.ndarray, np.ndarray, BalanceResult | None]:
-        """``(lambda*, lambda_bar, result)``; the baselines have one column and weight 1."""
+        """``(lambda*, lambda_bar, result)``; the baselines have one column and weight 1.
+
+        ``guard=False`` folds ``lambda*`` into the EMA without the EMA guard's check (the
+        lagged balance, whose coefficients were applied before this Gram was known).
+        """
         hp = self.hparams
         if hp.balancer != "marble" or m is None:
             return np.ones(1), np.ones(1), None
@@ -616,7 +626,7 @@ class MarbleModule(LightningModule):
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
         raw = self._broadcast(to_raw_weights(result.weights, scales))
-        return raw, self._smooth(raw, m), result
+        return raw, self._smooth(raw, m if guard else None), result
 
     def _grad_norm(self) -> float:
         """Norm of the gradient about to be applied (identical on every rank after the sync)."""
@@ -655,7 +665,7 @@ class MarbleModule(LightningModule):
             return None
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, CoefficientEMA)), None)
 
-    def _smooth(self, weights: np.ndarray, m: Tensor) -> np.ndarray:
+    def _smooth(self, weights: np.ndarray, m: Tensor | None) -> np.ndarray:
         """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
         ema = self._coefficient_ema()
         return weights if ema is None else ema.update(weights, m)
@@ -717,43 +727,47 @@ class MarbleModule(LightningModule):
         opt.zero_grad(set_to_none=True)
 
         # 5-7. Per-reward gradients of the WHOLE batch -> balance (OSQP) -> coefficient EMA.
-        grads = direction = m = stats = None
+        grads = direction = m = stats = kept = None
+        lagged = self._lagged_balance(pairs)  # earlier batches' lambda_bar; this Gram after
         if hp.gradient_space == "parameters":
             grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r)
             m = gram(grads)
-        else:
+        elif not lagged:
             need_stats = hp.balancer == "marble" or bool(monitors)
             stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats)
-            if hp.balancer == "marble":
-                m = self._all_reduce_sum(output_gram(stats, r))
-        raw, weights, result = self._coefficients(m, losses)
+            m = self._output_gram(stats, r)
+        coefficients = self._previous_coefficients() if lagged else self._coefficients(m, losses)
+        raw, weights, result = coefficients
         lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
         r_bar = r @ lam  # the update's r: sum_k lambda_bar_k r_k (affine loss)
         if grads is not None:
             direction = update_direction(grads, lam.to(grads.dtype))
 
-        if monitors:
+        def notify(stats: Tensor | None) -> None:  # gradient monitors see the balanced step
             ctx = GradientContext(
-                module=self,
-                rewards=rewards,
-                group_ids=group_ids,
-                bad=bad,
-                r=r_each,
-                r_applied=r_bar,
-                stats=stats,
-                grads=grads,
-                direction=direction,
+                self, rewards, group_ids, bad, r_each, r_bar, stats, grads, direction,
                 grads_fn=lambda cols: self.loss_grads(pairs, cond, cols),
-            )
+            )  # fmt: skip
             for cb in monitors:
                 cb.on_marble_gradients(self.trainer, self, ctx)
+
+        if monitors and not lagged:
+            notify(stats)
 
         # 8. ONE update along d = sum_k lambda_bar_k g_k (+ the KL gradient), all micro-batches.
         if direction is not None:
             assign_flat_grad(self.lora_params, direction + kl_grad)
             loss = losses.detach() @ lam.to(losses.dtype)
         else:
-            loss, kl = self.accumulate_update(pairs, cond, r_bar, kept)
+            loss, kl, seen = self.accumulate_update(
+                pairs, cond, r_bar, kept, stats_of=r if lagged else None
+            )
+        if lagged:  # this batch's Gram, seen by the update's own forwards, for the next step
+            stats, losses = seen
+            m = self._output_gram(stats, r)
+            raw, _, result = self._coefficients(m, losses, guard=False)
+            if monitors:
+                notify(stats)
         skip = self._skip_reason(self._grad_norm())
         if skip is None and hp.gradient_clip_norm is not None:
             self.clip_gradients(
@@ -882,23 +896,29 @@ class MarbleModule(LightningModule):
         cond: tuple[Tensor, Tensor],
         r_bar: Tensor,
         kept: list[Forward] | None,
-    ) -> tuple[Tensor, Tensor | None]:
+        stats_of: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """Backward of ``mean NFT loss(r_bar) + KL`` over all micro-batches: gradients add up.
 
         ONE backward per micro-batch gives ``sum_k lambda_bar_k g_k`` (the loss is affine in r).
-        Returns the mean loss and the KL term (None when ``kl_beta == 0``).
+        Returns the mean loss, the KL term (None when ``kl_beta == 0``) and, for ``stats_of``
+        (``r [N, K]``, the lagged balance), the output-space statistics and mean losses the same
+        forwards give at no extra cost.
         """
         hp = self.hparams
         total = float(len(pairs))
         loss_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         chunks = pairs.chunks(hp.micro_batch_size)
+        seen: tuple[Tensor, Tensor] | None = None
         for i, mb in enumerate(chunks):
             v_theta, v_old = kept[i] if kept is not None else (None, None)
             if v_theta is None:
                 v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=v_old)
             else:
                 v_target, kw = pairs.v_target[mb], self._loss_kwargs(pairs.t[mb])
+            if stats_of is not None:
+                seen = self._fold_stats(seen, pairs, mb, stats_of, (v_theta, v_old, v_target), kw)
             part = nft_loss(v_theta, v_old, v_target, r_bar[pairs.image[mb]], hp.beta, **kw).sum()
             objective = part / total
             loss_sum += part.detach().double()
@@ -909,7 +929,67 @@ class MarbleModule(LightningModule):
             with self._no_sync_unless(i == len(chunks) - 1):
                 self.manual_backward(objective)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
-        return (loss_sum / total).float(), kl_out
+        if seen is not None:
+            seen = (seen[0], (seen[1] / total).to(stats_of.dtype))
+        return (loss_sum / total).float(), kl_out, seen
+
+    def _fold_stats(
+        self,
+        seen: tuple[Tensor, Tensor] | None,
+        pairs: TrainingPairs,
+        mb: slice,
+        r: Tensor,
+        v: tuple[Tensor, Tensor, Tensor],
+        kw: dict[str, Any],
+    ) -> tuple[Tensor, Tensor]:
+        """Add one micro-batch's per-image output statistics and per-reward loss sums."""
+        hp = self.hparams
+        if seen is None:
+            seen = (
+                torch.zeros(r.shape[0], 3, dtype=torch.float64, device=r.device),
+                torch.zeros(r.shape[1], dtype=torch.float64, device=r.device),
+            )
+        stats, loss_sum = seen
+        v_theta, v_old, v_target = v[0].detach(), v[1], v[2]
+        with torch.no_grad():
+            stats.index_add_(
+                0, pairs.image[mb], nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
+            )
+            rows = r[pairs.image[mb]]
+            loss_sum += nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw).double().sum(0)
+        return stats, loss_sum
+
+    def _output_gram(self, stats: Tensor | None, r: Tensor) -> Tensor | None:
+        """The global output-space Gram of the batch (MARBLE only; all ranks' samples)."""
+        if self.hparams.balancer != "marble" or stats is None:
+            return None
+        return self._all_reduce_sum(output_gram(stats, r))
+
+    def _lagged_balance(self, pairs: TrainingPairs) -> bool:
+        """Whether this step applies earlier batches' coefficients (``lagged_balance``).
+
+        Only where it saves work: MARBLE in output space with more than one micro-batch, once a
+        previous step has left coefficients (the first step is balanced exactly).
+        """
+        hp = self.hparams
+        return (
+            hp.lagged_balance
+            and hp.balancer == "marble"
+            and hp.gradient_space == "output"
+            and len(pairs.chunks(hp.micro_batch_size)) > 1
+            and self._previous_weights() is not None
+        )
+
+    def _previous_weights(self) -> np.ndarray | None:
+        """``lambda_bar`` of the earlier batches (the EMA's value, else the last ``lambda*``)."""
+        ema = self._coefficient_ema()
+        value = ema.value if ema is not None else None
+        return value if value is not None else self.solver.last_weights
+
+    def _previous_coefficients(self) -> tuple[np.ndarray, np.ndarray, None]:
+        """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step)."""
+        previous = np.asarray(self._previous_weights(), dtype=np.float64)
+        return previous, previous, None
 
     def _no_sync_unless(self, last: bool) -> Any:
         """DDP's ``no_sync`` for all but the last micro-batch: gradients all-reduce once."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from marble_pl.callbacks import CoefficientEMA, GradientCosineMonitor, SampleGrid
 
 from marble_pl.cli import MarbleCLI, main
@@ -47,7 +48,18 @@ def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkey
     assert (hp.lora_rank, hp.weights_dtype, hp.gradient_checkpointing) == (32, "bfloat16", True)
     kinds = {type(cb) for cb in cli.trainer.callbacks}
     assert {CoefficientEMA, GradientCosineMonitor, SampleGrid} <= kinds
-    assert (cli.datamodule.batch_size, cli.datamodule.group_size) == (4, 8)
+    # DiffusionNFT's multi-reward SD3.5 recipe (docs/recipe.md): 48 prompts x 24 images on 8 GPUs,
+    # 24 of the 25 sampler timesteps per image, micro-batches of 9, KL 1e-4, beta 0.1, CFG-free.
+    assert (cli.datamodule.batch_size, cli.datamodule.group_size) == (6, 24)
+    assert (hp.num_inference_steps, model.timesteps_count, hp.timestep_sampling) == (
+        25,
+        24,
+        "sampler",
+    )
+    assert (hp.micro_batch_size, hp.kl_beta, hp.beta, hp.guidance_scale) == (9, 1e-4, 0.1, 1.0)
+    assert hp.advantage_std == "global"
+    assert yaml.safe_load(SD35.read_text())["model"]["max_sequence_length"] == 128
+    assert [model.sampling_decay(s) for s in (0, 100, 1000)] == [0.0, 0.1, 0.5]
     # The real loading path on the tiny model: bf16 base, float32 LoRA on every target module.
     model.configure_model()
     assert model.transformer.dtype == torch.bfloat16

@@ -3,9 +3,11 @@ micro-batches accumulating into ONE update balanced on the whole batch, the KL t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
+from marble_pl.callbacks import CoefficientEMA
 from test_module import PROMPTS, fit, make_module
 
 from marble_pl.data import read_prompts
@@ -155,6 +157,55 @@ def test_kl_gradient_is_autograd_of_the_kl_term(tiny_sd3_path, space, balancer):
     assert expected.abs().max() > 0
     torch.testing.assert_close(with_kl - without, expected, rtol=2e-3, atol=2e-6)
     assert module.last_step is not None
+
+
+class Steps(Callback):
+    """Each step's Gram, applied coefficients and the EMA's value after the step."""
+
+    def __init__(self, ema: CoefficientEMA) -> None:
+        self.ema, self.grams, self.applied, self.ema_after = ema, [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.grams.append(pl_module.last_step.gram.clone())
+        self.applied.append(pl_module.last_step.weights.copy())
+        self.ema_after.append(self.ema.value.copy())
+
+
+def run_balance(path, lagged: bool, monkeypatch) -> tuple[Steps, list[int]]:
+    module = make_module(path, timesteps_per_image=2, micro_batch_size=4, lagged_balance=lagged)
+    seeded_lora(module)
+    calls: list[int] = []
+    velocity = module.velocity
+
+    def counted(*args):
+        calls.append(module.global_step)
+        return velocity(*args)
+
+    monkeypatch.setattr(module, "velocity", counted)
+    ema = CoefficientEMA(decay=0.5, guard=False)
+    steps = Steps(ema)
+    fit(module, steps=2, callbacks=[ema, steps])
+    return steps, calls
+
+
+def test_lagged_balance_applies_earlier_coefficients_and_saves_the_extra_forward(
+    tiny_sd3_path, monkeypatch
+):
+    exact, exact_calls = run_balance(tiny_sd3_path, False, monkeypatch)
+    lagged, lagged_calls = run_balance(tiny_sd3_path, True, monkeypatch)
+    # Step 0 is balanced exactly in both modes, so both reach step 1 in the same state: the
+    # lagged step's Gram (from the update's own forwards) is the exact pre-pass's Gram.
+    for g_lag, g_exact in zip(lagged.grams, exact.grams, strict=True):
+        torch.testing.assert_close(g_lag, g_exact, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(lagged.applied[0], exact.applied[0], rtol=1e-9)
+    # Step 1: lagged applies lambda_bar of step 0; exact applies lambda_bar with step 1 in it.
+    np.testing.assert_allclose(lagged.applied[1], exact.ema_after[0], rtol=1e-9)
+    assert not np.allclose(exact.applied[1], exact.ema_after[0])
+    np.testing.assert_allclose(lagged.ema_after[1], exact.ema_after[1], rtol=1e-6)
+    # Forwards per step (6 images x 2 timesteps in 3 micro-batches; rollouts: 3 steps x 6 x 2
+    # adapters' calls are outside `velocity`): exact 3 per micro-batch, lagged 2 from step 1.
+    per_step = [exact_calls.count(0), exact_calls.count(1), lagged_calls.count(1)]
+    assert per_step == [9, 9, 6]
 
 
 def test_chunked_rollout_equals_one_call(tiny_sd3_path):
