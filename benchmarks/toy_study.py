@@ -36,7 +36,10 @@ The toy, all on CPU in a few minutes:
     backwards (``min_k (M lambda_bar)_k < 0``) applies ``lambda*`` instead: the library default,
     ``CoefficientEMA(guard=True)``;
   - ``marble_no_ema``: the ablation of the coefficient EMA, ``d = sum_k lambda*_k g_k`` with this
-    batch's QP solution (the only variant with the per-batch guarantee ``<g_k, d> >= |d|^2``).
+    batch's QP solution (the only variant with the per-batch guarantee ``<g_k, d> >= |d|^2``);
+  - ``marble_lagged``: ``lagged_balance``: the EMA of EARLIER batches' ``lambda*`` is applied and
+    this batch's ``lambda*`` folded in afterwards (no guard), as ``MarbleModule`` does with several
+    micro-batches to save the extra forward pass.
 
   Then AdamW on ``d`` and ``v_old <- EMA(v_theta)``. All methods start from the same base, the same
   LoRA initialisation and the same rollout noise stream, with the same number of steps.
@@ -89,7 +92,7 @@ __all__ = [
     "main",
 ]
 
-METHODS = ("weighted_sum", "marble", "marble_guarded", "marble_no_ema")
+METHODS = ("weighted_sum", "marble", "marble_guarded", "marble_no_ema", "marble_lagged")
 
 
 @dataclass
@@ -359,7 +362,15 @@ def run_method(
         res = solver(m_k)
         lam_raw = torch.from_numpy(res.weights)
         d_min_norm = update_direction(grads, lam_raw)
-        if method != "weighted_sum":
+        if method == "marble_lagged" and coef_ema.value is not None:
+            # MarbleModule(lagged_balance=True): earlier batches' lambda_bar, this batch after.
+            smoothed = coef_ema.value.copy()
+            coef_ema.update(res.weights)
+            lam = torch.from_numpy(smoothed)
+            applied = update_direction(grads, lam)
+            other = g_ws
+            rec["weights"].append(lam.tolist())
+        elif method != "weighted_sum":
             smoothed = coef_ema.update(res.weights)
             if method == "marble_guarded" and conflicts(m_k, smoothed):
                 smoothed = res.weights  # CoefficientEMA(guard=True): lambda* on this step
@@ -548,6 +559,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], cfg: ToyConfig, path: Path) -> N
         "marble": "tab:blue",
         "marble_guarded": "tab:purple",
         "marble_no_ema": "tab:green",
+        "marble_lagged": "tab:orange",
     }
     steps = np.arange(cfg.steps)
     window = max(1, cfg.steps // 30)
