@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from marble_pl.advantages import group_advantages, optimality
 from marble_pl.balance import EMA, MinNormSolver, conflicts, gram
 from marble_pl.gradients import assign_flat_grad, cosines, parameter_grads, update_direction
-from marble_pl.nft import nft_loss
+from marble_pl.nft import nft_loss, nft_output_stats, output_gram
 
 __all__ = [
     "ToyConfig",
@@ -92,7 +92,14 @@ __all__ = [
     "main",
 ]
 
-METHODS = ("weighted_sum", "marble", "marble_guarded", "marble_no_ema", "marble_lagged")
+METHODS = (
+    "weighted_sum",
+    "marble",
+    "marble_guarded",
+    "marble_no_ema",
+    "marble_lagged",
+    "marble_output",
+)
 
 
 @dataclass
@@ -359,7 +366,11 @@ def run_method(
         grads = parameter_grads(losses, params)  # [K, P]
 
         m_k = gram(grads)
-        res = solver(m_k)
+        m_bal = m_k  # the Gram the balance (and the guard) sees
+        if method == "marble_output":  # the amortized Gram: closed form in the model's output
+            stats = nft_output_stats(v_theta, v_old, v_target, cfg.beta, **kw)
+            m_bal = output_gram(stats, r.repeat(m, 1)).to(m_k.dtype)
+        res = solver(m_bal)
         lam_raw = torch.from_numpy(res.weights)
         d_min_norm = update_direction(grads, lam_raw)
         if method == "marble_lagged" and coef_ema.value is not None:
@@ -372,7 +383,8 @@ def run_method(
             rec["weights"].append(lam.tolist())
         elif method != "weighted_sum":
             smoothed = coef_ema.update(res.weights)
-            if method == "marble_guarded" and conflicts(m_k, smoothed):
+            guarded = method in ("marble_guarded", "marble_output")
+            if guarded and conflicts(m_bal, smoothed):
                 smoothed = res.weights  # CoefficientEMA(guard=True): lambda* on this step
             lam = torch.from_numpy(smoothed)
             applied = update_direction(grads, lam)
@@ -560,6 +572,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], cfg: ToyConfig, path: Path) -> N
         "marble_guarded": "tab:purple",
         "marble_no_ema": "tab:green",
         "marble_lagged": "tab:orange",
+        "marble_output": "tab:red",
     }
     steps = np.arange(cfg.steps)
     window = max(1, cfg.steps // 30)

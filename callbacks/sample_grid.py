@@ -22,7 +22,8 @@ class SampleGrid(Callback):
     r"""Every ``every_n_steps`` steps and at the end of training, sample a fixed grid and log it.
 
     Rows are the prompts, columns ``images_per_prompt`` fixed seeds, sampled from the trained
-    policy (``v_theta``) with the module's rollout settings. The grid goes to TensorBoard
+    policy (``v_theta``, or its evaluation EMA when the module keeps one: ``eval_ema_decay``)
+    with the module's rollout settings. The grid goes to TensorBoard
     (``samples/<name>``) with a text summary of every image's K reward scores
     (``samples/<name>/scores``), and to ``<log_dir>/samples/<name>_step<step>.png``. The same
     step of the same run gives byte-identical PNGs. Under DDP only global rank 0 samples and
@@ -100,7 +101,8 @@ class SampleGrid(Callback):
             return None
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        out = pl_module.sample(prompts, generator, adapter=DEFAULT_ADAPTER)
+        adapter = getattr(pl_module, "eval_adapter", DEFAULT_ADAPTER)  # the evaluation EMA if kept
+        out = pl_module.sample(prompts, generator, adapter=adapter)
         scores = pl_module.score(out.images, prompts)
         grid = image_grid(out.images, ncol=self.images_per_prompt)
         log_dir = self.log_dir or Path(trainer.default_root_dir)

@@ -43,6 +43,7 @@ from marble_pl.errors import MarbleUserError
 __all__ = [
     "DEFAULT_ADAPTER",
     "DEFAULT_LORA_TARGETS",
+    "EVAL_ADAPTER",
     "SAMPLING_ADAPTER",
     "ModelLoadError",
     "SD3Components",
@@ -69,6 +70,7 @@ __all__ = [
 
 DEFAULT_ADAPTER = "default"
 SAMPLING_ADAPTER = "old"
+EVAL_ADAPTER = "ema"  # an EMA of the trained adapter, for evaluation (``eval_ema_decay``)
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 

@@ -55,6 +55,7 @@ from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads
 from marble_pl.models import (
     DEFAULT_ADAPTER,
     DEFAULT_LORA_TARGETS,
+    EVAL_ADAPTER,
     SAMPLING_ADAPTER,
     TORCH_DTYPES,
     add_lora,
@@ -69,7 +70,7 @@ from marble_pl.models import (
 from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
 from marble_pl.rewards import build_rewards
 from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
-from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule
+from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
 from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
 
 BalancerName = Literal["marble", "weighted_sum", "single"]
@@ -239,6 +240,10 @@ class MarbleModule(LightningModule):
             own forwards give, into them afterwards: no extra forward pass, a one-step lag and
             no guard (the Gram is only known after the update). False: the exact balance of
             the batch, at the cost of one no-grad forward pass of the trained policy.
+        eval_ema_decay: keep an EMA of the trained adapter (a third LoRA adapter, float32) and
+            evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
+            eval_ema_decay)`` after each update, as DiffusionNFT's evaluation EMA (0.9). None:
+            evaluate the trained adapter itself.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -283,6 +288,7 @@ class MarbleModule(LightningModule):
         micro_batch_size: int | None = None,
         rollout_chunk_size: int | None = None,
         lagged_balance: bool = False,
+        eval_ema_decay: float | None = None,
         seed: int = 0,
     ) -> None:
         schedule = check_old_policy_decay(old_policy_decay)
@@ -409,7 +415,9 @@ class MarbleModule(LightningModule):
             alpha=hp.lora_alpha,
             target_modules=list(hp.lora_target_modules),
         )
-        add_sampling_adapter(self.transformer)  # both adapters float32 whatever the base dtype
+        add_sampling_adapter(self.transformer)  # every adapter float32 whatever the base dtype
+        if hp.eval_ema_decay is not None:
+            add_sampling_adapter(self.transformer, dst=EVAL_ADAPTER)
         if hp.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.patch_size = int(self.transformer.config.patch_size)
@@ -782,7 +790,7 @@ class MarbleModule(LightningModule):
         if sched is not None:
             sched.step()
         if skip is None:  # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
-            ema_update_adapter(self.transformer, decay=self.sampling_decay())
+            self.update_adapter_averages()
         t3 = time.perf_counter()
 
         self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
@@ -991,6 +999,18 @@ class MarbleModule(LightningModule):
         previous = np.asarray(self._previous_weights(), dtype=np.float64)
         return previous, previous, None
 
+    def update_adapter_averages(self) -> None:
+        """``v_old <- EMA(v_theta)`` (:meth:`sampling_decay`), and the evaluation EMA if on."""
+        ema_update_adapter(self.transformer, decay=self.sampling_decay())
+        if self.hparams.eval_ema_decay is not None:
+            decay = warmup_decay(self.global_step - 1, self.hparams.eval_ema_decay)
+            ema_update_adapter(self.transformer, dst=EVAL_ADAPTER, decay=decay)
+
+    @property
+    def eval_adapter(self) -> str:
+        """The adapter validation and sample grids sample with (the EMA one when kept)."""
+        return DEFAULT_ADAPTER if self.hparams.eval_ema_decay is None else EVAL_ADAPTER
+
     def _no_sync_unless(self, last: bool) -> Any:
         """DDP's ``no_sync`` for all but the last micro-batch: gradients all-reduce once."""
         model = getattr(self.trainer.strategy, "model", None) if self._trainer is not None else None
@@ -1127,7 +1147,7 @@ class MarbleModule(LightningModule):
         """
         prompts = batch["prompts"]
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7919 * batch_idx)
-        out = self.sample(prompts, gen, adapter=DEFAULT_ADAPTER)
+        out = self.sample(prompts, gen, adapter=self.eval_adapter)
         rewards = self.score(out.images, prompts)
         for k, name in enumerate(self.reward_names):
             metric = self.val_rewards[_metric_key(name)]

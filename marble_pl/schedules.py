@@ -26,7 +26,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["DIFFUSIONNFT_DECAY", "DecaySchedule", "decay_schedule"]
+__all__ = ["DIFFUSIONNFT_DECAY", "DecaySchedule", "decay_schedule", "warmup_decay"]
+
+
+def warmup_decay(step: int, decay: float) -> float:
+    """``min((1 + step) / (10 + step), decay)``: an EMA that trusts its first values less (the
+    warm-up DiffusionNFT's evaluation EMA of the trained weights uses)."""
+    return min((1 + step) / (10 + step), decay)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_draws_are_distinct_schedule_entries_or_uniform_in_range():
 
 
 def seeded_lora(module, seed: int = 0) -> None:
-    """Seeded random LoRA A and B, the sampling adapter equal to the trained one, so every
+    """Seeded random LoRA A and B, the other adapters equal to the trained one, so every
     module built this way starts from the same state (peft draws A from the global RNG)."""
     module.configure_model()
     g = torch.Generator().manual_seed(seed)
@@ -60,9 +60,10 @@ def seeded_lora(module, seed: int = 0) -> None:
         for name in sorted(params):
             if ".default." in name and ("lora_A" in name or "lora_B" in name):
                 params[name].copy_(0.05 * torch.randn(params[name].shape, generator=g))
-        for name in params:
-            if ".old." in name and ("lora_A" in name or "lora_B" in name):
-                params[name].copy_(params[name.replace(".old.", ".default.")])
+        for name in params:  # the sampling (and evaluation EMA) adapters start as the trained
+            for copy in (".old.", ".ema."):
+                if copy in name and ("lora_A" in name or "lora_B" in name):
+                    params[name].copy_(params[name.replace(copy, ".default.")])
 
 
 class FirstBatch(Callback):
@@ -116,11 +117,12 @@ def test_micro_batches_accumulate_into_the_one_batch_update(tiny_sd3_path, space
     micro, m_micro, _ = one_step(tiny_sd3_path, micro_batch_size=5, **common)  # 12 pairs: 3 chunks
     assert whole.abs().max() > 0
     torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-7)
-    # The balance saw the whole batch either way: same Gram, same coefficients.
-    torch.testing.assert_close(m_micro.last_step.gram, m_whole.last_step.gram, rtol=1e-6, atol=0)
+    # The balance saw the whole batch either way: same Gram, same coefficients (to float32
+    # summation order: the parameter-space gradients add up over micro-batches in float32).
+    torch.testing.assert_close(m_micro.last_step.gram, m_whole.last_step.gram, rtol=1e-5, atol=0)
     torch.testing.assert_close(
         torch.as_tensor(m_micro.last_step.weights), torch.as_tensor(m_whole.last_step.weights),
-        rtol=1e-6, atol=1e-9,
+        rtol=1e-5, atol=1e-8,
     )  # fmt: skip
 
 
@@ -196,7 +198,7 @@ def test_lagged_balance_applies_earlier_coefficients_and_saves_the_extra_forward
     # Step 0 is balanced exactly in both modes, so both reach step 1 in the same state: the
     # lagged step's Gram (from the update's own forwards) is the exact pre-pass's Gram.
     for g_lag, g_exact in zip(lagged.grams, exact.grams, strict=True):
-        torch.testing.assert_close(g_lag, g_exact, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g_lag, g_exact, rtol=1e-5, atol=0)
     np.testing.assert_allclose(lagged.applied[0], exact.applied[0], rtol=1e-9)
     # Step 1: lagged applies lambda_bar of step 0; exact applies lambda_bar with step 1 in it.
     np.testing.assert_allclose(lagged.applied[1], exact.ema_after[0], rtol=1e-9)
@@ -217,3 +219,33 @@ def test_chunked_rollout_equals_one_call(tiny_sd3_path):
     chunked = module.rollout_batch(prompts)
     torch.testing.assert_close(chunked.latents, whole.latents, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.prompt_embeds, whole.prompt_embeds)
+
+
+class Trained(Callback):
+    """The trained adapter's LoRA tensors (by name) after every step."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after.append(
+            {n: p.detach().clone() for n, p in pl_module.named_parameters() if ".default." in n}
+        )
+
+
+def test_evaluation_ema_adapter_follows_the_warmed_up_ema(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, eval_ema_decay=0.9)
+    seeded_lora(module)
+    assert module.eval_adapter == "ema"
+    params = dict(module.named_parameters())
+    ema = {n: p.detach().clone() for n, p in params.items() if ".default." in n}
+    trained = Trained()
+    fit(module, steps=2, callbacks=[trained])
+    for step, theta in enumerate(trained.after):
+        decay = min((1 + step) / (10 + step), 0.9)  # 0.1, then 2 / 11: DiffusionNFT's warm-up
+        ema = {n: decay * e + (1 - decay) * theta[n] for n, e in ema.items()}
+    assert ema and any(not torch.equal(ema[n], trained.after[-1][n]) for n in ema)
+    for name, expected in ema.items():
+        got = params[name.replace(".default.", ".ema.")]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
