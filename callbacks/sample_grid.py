@@ -23,7 +23,7 @@ class SampleGrid(Callback):
 
     Rows are the prompts, columns ``images_per_prompt`` fixed seeds, sampled from the trained
     policy (``v_theta``, or its evaluation EMA when the module keeps one: ``eval_ema_decay``)
-    with the module's rollout settings. The grid goes to TensorBoard
+    with the module's evaluation sampler (``eval_num_inference_steps``, deterministic). The grid goes to TensorBoard
     (``samples/<name>``) with a text summary of every image's K reward scores
     (``samples/<name>/scores``), and to ``<log_dir>/samples/<name>_step<step>.png``. The same
     step of the same run gives byte-identical PNGs. Under DDP only global rank 0 samples and
@@ -102,7 +102,8 @@ class SampleGrid(Callback):
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         adapter = getattr(pl_module, "eval_adapter", DEFAULT_ADAPTER)  # the evaluation EMA if kept
-        out = pl_module.sample(prompts, generator, adapter=adapter)
+        config = getattr(pl_module, "eval_rollout_config", None)  # evaluation sampler steps
+        out = pl_module.sample(prompts, generator, adapter=adapter, config=config)
         scores = pl_module.score(out.images, prompts)
         grid = image_grid(out.images, ncol=self.images_per_prompt)
         log_dir = self.log_dir or Path(trainer.default_root_dir)

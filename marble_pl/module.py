@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,6 +244,8 @@ class MarbleModule(LightningModule):
             evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
             eval_ema_decay)`` after each update, as DiffusionNFT's evaluation EMA (0.9). None:
             evaluate the trained adapter itself.
+        eval_num_inference_steps: sampler steps of validation and sample grids (deterministic,
+            as DiffusionNFT evaluates at 40); None: the rollout's ``num_inference_steps``.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
     """
 
@@ -289,6 +291,7 @@ class MarbleModule(LightningModule):
         rollout_chunk_size: int | None = None,
         lagged_balance: bool = False,
         eval_ema_decay: float | None = None,
+        eval_num_inference_steps: int | None = None,
         seed: int = 0,
     ) -> None:
         schedule = check_old_policy_decay(old_policy_decay)
@@ -339,8 +342,18 @@ class MarbleModule(LightningModule):
                 width=resolution,
                 noise_level=noise_level,
             )
+            self.eval_rollout_config = replace(
+                self.rollout_config,
+                num_inference_steps=eval_num_inference_steps or num_inference_steps,
+                noise_level=0.0,
+            )
         except ValueError as err:  # its messages start with the field, as model.<field> is named
             raise ConfigError(f"model.{err}") from err
+        if eval_num_inference_steps is not None and eval_num_inference_steps < 1:
+            raise ConfigError(
+                f"model.eval_num_inference_steps must be >= 1 (DiffusionNFT: 40), or null, got "
+                f"{eval_num_inference_steps}"
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.solver = MinNormSolver()
@@ -518,8 +531,10 @@ class MarbleModule(LightningModule):
         generator: torch.Generator,
         adapter: str | None = SAMPLING_ADAPTER,
         noise: Tensor | None = None,
+        config: RolloutConfig | None = None,
     ):
-        """Roll out one image per prompt with the given adapter (``v_old`` by default)."""
+        """Roll out one image per prompt with the given adapter (``v_old`` by default) and
+        sampler settings (the training rollout's by default; :attr:`eval_rollout_config`)."""
         embeds, pooled = self.encode(prompts)
         neg, neg_pooled = self._negative_embeds(len(prompts))
         with use_adapter(self.transformer, adapter):
@@ -529,7 +544,7 @@ class MarbleModule(LightningModule):
                 self.scheduler,
                 embeds,
                 pooled,
-                config=self.rollout_config,
+                config=config or self.rollout_config,
                 negative_prompt_embeds=neg,
                 negative_pooled_prompt_embeds=neg_pooled,
                 generator=generator,
@@ -1147,7 +1162,7 @@ class MarbleModule(LightningModule):
         """
         prompts = batch["prompts"]
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7919 * batch_idx)
-        out = self.sample(prompts, gen, adapter=self.eval_adapter)
+        out = self.sample(prompts, gen, adapter=self.eval_adapter, config=self.eval_rollout_config)
         rewards = self.score(out.images, prompts)
         for k, name in enumerate(self.reward_names):
             metric = self.val_rewards[_metric_key(name)]

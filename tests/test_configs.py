@@ -58,6 +58,7 @@ def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkey
     )
     assert (hp.micro_batch_size, hp.kl_beta, hp.beta, hp.guidance_scale) == (9, 1e-4, 0.1, 1.0)
     assert (hp.advantage_std, hp.eval_ema_decay) == ("global", 0.9)
+    assert model.eval_rollout_config.num_inference_steps == 40
     assert yaml.safe_load(SD35.read_text())["model"]["max_sequence_length"] == 128
     assert [model.sampling_decay(s) for s in (0, 100, 1000)] == [0.0, 0.1, 0.5]
     # The real loading path on the tiny model: bf16 base, float32 LoRA on every target module.

@@ -249,3 +249,21 @@ def test_evaluation_ema_adapter_follows_the_warmed_up_ema(tiny_sd3_path):
         got = params[name.replace(".default.", ".ema.")]
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_evaluation_sampler_steps(tiny_sd3_path):
+    module = make_module(tiny_sd3_path, eval_num_inference_steps=5, noise_level=0.3)
+    assert module.rollout_config.num_inference_steps == 3
+    assert (
+        module.eval_rollout_config.num_inference_steps,
+        module.eval_rollout_config.noise_level,
+    ) == (5, 0.0)
+    module.configure_model()
+    prompts = read_prompts(PROMPTS)[:2]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 16, 16, 16, generator=g)
+    train = module.sample(prompts, g, noise=noise)
+    evaluation = module.sample(prompts, g, noise=noise, config=module.eval_rollout_config)
+    assert not torch.allclose(train.latents, evaluation.latents)
+    with pytest.raises(ConfigError, match="eval_num_inference_steps"):
+        make_module(tiny_sd3_path, eval_num_inference_steps=0)
