@@ -25,7 +25,8 @@ The toy, all on CPU in a few minutes:
   ``--sampler-steps``), rewards ``R [N, K]``, per-reward group advantages and ``r = optimality(A)``
   (and, for the weighted sum, one estimator on ``R @ w``; ``--advantage-std``: the group-centred
   rewards over the group's std, or over the whole batch's std per reward, DiffusionNFT's
-  default), forward process at ``--timesteps`` random ``t`` per rollout, ``v_theta`` and
+  default), forward process at ``--timesteps`` random ``t`` per rollout (``U(0, 1)``, or with
+  ``--timestep-sampling sampler`` distinct points of the sampler's grid), ``v_theta`` and
   ``v_old``, DiffusionNFT loss (reference x0-space form), per-reward gradients ``g_k``
   (K backwards), and the applied gradient:
 
@@ -78,6 +79,7 @@ from marble_pl.advantages import group_advantages, optimality
 from marble_pl.balance import EMA, MinNormSolver, conflicts, gram
 from marble_pl.gradients import assign_flat_grad, cosines, parameter_grads, update_direction
 from marble_pl.nft import nft_loss, nft_output_stats, output_gram
+from marble_pl.timesteps import draw_timesteps
 
 __all__ = [
     "ToyConfig",
@@ -113,6 +115,7 @@ class ToyConfig:
     group_size: int = 16
     sampler_steps: int = 8
     timesteps: int = 4
+    timestep_sampling: str = "uniform"
     reward_scales: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1])
     reward_radius: float = 1.0
     mode_std: float = 0.3
@@ -282,6 +285,18 @@ def sample(model: VelocityField, prompt: Tensor, noise: Tensor, steps: int) -> T
 
 
 @torch.no_grad()
+def training_times(cfg: ToyConfig, n: int, gen: torch.Generator) -> Tensor:
+    """``[timesteps * n]`` training ``t`` (timestep-major, as the rollouts are repeated): uniform,
+    or per rollout ``timesteps`` distinct points of the sampler's grid, as ``MarbleModule``."""
+    if cfg.timestep_sampling == "uniform":
+        return torch.rand(cfg.timesteps * n, generator=gen)
+    if cfg.timesteps > cfg.sampler_steps:
+        raise ValueError("--timestep-sampling sampler needs --timesteps <= --sampler-steps")
+    grid = torch.linspace(1.0, 0.0, cfg.sampler_steps + 1)[:-1]
+    per = torch.stack([draw_timesteps(gen, cfg.timesteps, "sampler", grid) for _ in range(n)])
+    return per.t().reshape(-1)
+
+
 def _ema_(old: Sequence[Tensor], new: Sequence[Tensor], decay: float) -> None:
     for o, n in zip(old, new, strict=True):
         o.mul_(decay).add_(n.detach(), alpha=1.0 - decay)
@@ -350,7 +365,7 @@ def run_method(
         m = cfg.timesteps
         xr = x0.repeat(m, 1)
         pr = prompt.repeat(m)
-        t = torch.rand(xr.shape[0], generator=gen)
+        t = training_times(cfg, prompt.shape[0], gen)
         eps = torch.randn(xr.shape, generator=gen)
         xt = (1 - t[:, None]) * xr + t[:, None] * eps
         v_target = eps - xr
@@ -543,7 +558,8 @@ def format_results(summary: dict[str, Any], cfg: ToyConfig) -> str:
     return (
         f"Toy study: K = {k} rewards (scales {cfg.reward_scales}), {cfg.prompts} prompts x "
         f"{cfg.group_size} rollouts, {cfg.steps} steps, seeds {cfg.seeds}, advantage std "
-        f"{cfg.advantage_std!r}; mean ± std over seeds. "
+        f"{cfg.advantage_std!r}, {cfg.timesteps} training t per rollout "
+        f"({cfg.timestep_sampling}); mean ± std over seeds. "
         f"Worst cos = min over rewards of cos(g_k, applied update), g_k from the per-reward "
         f"advantages on the same batch; a reward has signal in a batch when some rollout has a "
         f"non-zero advantage for it. Δ = mean rollout reward over the last {summary['tail_steps']} "
@@ -633,6 +649,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
     p.add_argument("--sampler-steps", type=int, default=d.sampler_steps, help="Euler ODE steps")
     p.add_argument("--timesteps", type=int, default=d.timesteps, help="training t per rollout")
     p.add_argument(
+        "--timestep-sampling",
+        choices=("uniform", "sampler"),
+        default=d.timestep_sampling,
+        help="training t: U(0, 1), or distinct points of the Euler sampler's grid per rollout "
+        "(MarbleModule's timestep_sampling: sampler, DiffusionNFT's recipe)",
+    )
+    p.add_argument(
         "--reward-scales",
         type=float,
         nargs="+",
@@ -673,6 +696,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         group_size=a.group_size,
         sampler_steps=a.sampler_steps,
         timesteps=a.timesteps,
+        timestep_sampling=a.timestep_sampling,
         reward_scales=list(a.reward_scales),
         reward_radius=a.reward_radius,
         task_seed=a.task_seed,
