@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,3 +147,16 @@ def test_toy_study_advantage_std_option() -> None:
     assert toy.parse_args(["--advantage-std", "group"])[0].advantage_std == "group"
     with pytest.raises(SystemExit):
         toy.parse_args(["--advantage-std", "bogus"])
+
+
+def test_toy_study_sampler_timesteps_are_grid_points_per_rollout() -> None:
+    toy = _load("toy_study")
+    cfg = toy.parse_args(["--timestep-sampling", "sampler", "--sampler-steps", "8"])[0]
+    t = toy.training_times(cfg, 5, torch.Generator().manual_seed(0))
+    assert t.shape == (cfg.timesteps * 5,)
+    grid = set(torch.linspace(1.0, 0.0, 9)[:-1].tolist())
+    per_rollout = t.reshape(cfg.timesteps, 5).t()  # timestep-major, as the rollouts repeat
+    for row in per_rollout.tolist():
+        assert len(set(row)) == cfg.timesteps and set(row) <= grid
+    uniform = toy.training_times(toy.parse_args([])[0], 5, torch.Generator().manual_seed(0))
+    assert not set(uniform.tolist()) <= grid
