@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from test_module import make_module
 
 from marble_pl.cli import MarbleCLI
 from marble_pl.data import PromptDataModule
@@ -21,20 +22,8 @@ PROMPTS = ROOT / "configs" / "prompts" / "tiny_train.txt"
 
 
 def build(path: Path, **overrides) -> MarbleModule:
-    kwargs = dict(
-        pretrained_model_name_or_path=str(path),
-        local_files_only=True,
-        rewards=["brightness", "saturation", "compressibility"],
-        lora_rank=4,
-        lora_alpha=8.0,
-        num_inference_steps=2,
-        resolution=32,
-        max_sequence_length=16,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
-        gradient_clip_norm=None,
-    )
-    kwargs.update(overrides)
-    return MarbleModule(**kwargs)
+    """test_module's tiny module with 2 sampler steps (the fastest that still samples)."""
+    return make_module(path, **{"num_inference_steps": 2, **overrides})
 
 
 def randomize_trained_adapter(module: MarbleModule, seed: int = 0) -> None:
