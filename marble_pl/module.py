@@ -791,20 +791,7 @@ class MarbleModule(LightningModule):
             raw, _, result = self._coefficients(m, losses, guard=False)
             if monitors:
                 notify(stats)
-        skip = self._skip_reason(self._grad_norm())
-        if skip is None and hp.gradient_clip_norm is not None:
-            self.clip_gradients(
-                opt, gradient_clip_val=hp.gradient_clip_norm, gradient_clip_algorithm="norm"
-            )
-        if skip is not None:
-            # Parameters without .grad are left alone by torch optimizers (weights AND state),
-            # and the step still counts, so max_steps, schedules and seeds stay aligned.
-            opt.zero_grad(set_to_none=True)
-        opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        if skip is None:  # 9. Sampling policy update: v_old <- EMA(v_theta) on the LoRA weights.
+        if self.optimizer_step_or_skip(opt):  # 9. v_old <- EMA(v_theta) on the LoRA weights.
             self.update_adapter_averages()
         t3 = time.perf_counter()
 
@@ -1013,6 +1000,25 @@ class MarbleModule(LightningModule):
         """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step)."""
         previous = np.asarray(self._previous_weights(), dtype=np.float64)
         return previous, previous, None
+
+    def optimizer_step_or_skip(self, opt: Any) -> bool:
+        """Clip and step on the accumulated gradient; False when the update was skipped.
+
+        A NaN/inf or all-zero gradient skips the update (:meth:`_skip_reason`): parameters
+        without ``.grad`` are left alone by torch optimizers (weights AND state), and the step
+        still counts, so ``max_steps``, schedules and seeds stay aligned.
+        """
+        clip = self.hparams.gradient_clip_norm
+        skip = self._skip_reason(self._grad_norm())
+        if skip is None and clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if skip is not None:
+            opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return skip is None
 
     def update_adapter_averages(self) -> None:
         """``v_old <- EMA(v_theta)`` (:meth:`sampling_decay`), and the evaluation EMA if on."""
