@@ -8,8 +8,8 @@
 - Lightning's "Tip" advertising its hosted logger: dropped.
 - Lightning's "module(s) in eval mode" (the frozen VAE and text encoders stay in eval mode on
   purpose) and "ModelCheckpoint with manual optimization and every_n_train_steps" (checkpoints
-  are taken after the manual optimizer step, which is what we want) and torch's ``LeafSpec``
-  deprecation raised inside Lightning: dropped.
+  are taken after the manual optimizer step, which is what we want), and torch's ``LeafSpec``
+  and ``all_gather`` deprecations raised inside Lightning (its ``all_gather`` under DDP): dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
     r".*ModelCheckpoint with manual optimization and every_n_train_steps.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*torch.distributed.nn.functional.all_gather is deprecated.*",
 )
 
 

@@ -186,6 +186,7 @@ def test_marble_fit_tiny_config_with_two_ddp_processes(tmp_path: Path) -> None:
 
     assert code == 0, output[-5000:]
     assert "Traceback" not in output, output[-5000:]
+    assert "deprecated" not in output, output[-5000:]  # no library noise on a DDP run either
     log_dir = saved_run_dir(tmp_path)  # one run, written once (by rank 0)
     resolved = yaml.safe_load((log_dir / "config.yaml").read_text())  # interpolations resolved
     assert [p.name for p in log_dir.parent.iterdir()] == [log_dir.name]
