@@ -50,7 +50,7 @@ from marble_pl.checks import (
     probe_optimizer,
     resolution_multiple,
 )
-from marble_pl.errors import ConfigError, MarbleUserError
+from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
 from marble_pl.models import (
     DEFAULT_ADAPTER,
@@ -1197,11 +1197,49 @@ class MarbleModule(LightningModule):
         old ``lr`` / ``weight_decay`` / ``betas`` of a run resumed with new ones. The moments stay
         as saved; ``lr`` stays as saved when an LR scheduler owns it.
         """
+        self._check_lora_keys(checkpoint)
         self._apply_configured_optimizer_settings(checkpoint)
         state = checkpoint.get("marble", {})
         self.counters.update(state.get("counters", {}))
         if state.get("qp_warm_start") is not None:
             self.solver.last_weights = np.asarray(state["qp_warm_start"], dtype=np.float64)
+
+    def _check_lora_keys(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose LoRA tensors do not fit this module, naming them.
+
+        ``strict_loading`` is off (checkpoints hold no base weights), so without this check
+        missing or extra LoRA tensors would be dropped silently. An evaluation EMA adapter that
+        the checkpoint lacks (``eval_ema_decay`` turned on at resume) starts from the trained one.
+        """
+        saved = checkpoint.get("state_dict") or {}
+        expected = {k: v.shape for k, v in self.state_dict().items() if is_lora_key(k)}
+        for key in expected:
+            twin = key.replace(f".{EVAL_ADAPTER}.", f".{DEFAULT_ADAPTER}.")
+            if key not in saved and twin != key and twin in saved:
+                saved[key] = saved[twin].clone()
+        got = {k: v.shape for k, v in saved.items() if is_lora_key(k)}
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        if missing or extra or shapes:
+
+            def few(keys: list[str]) -> str:
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+            problems = [
+                f"{len(keys)} {what}: {few(keys)}"
+                for what, keys in (
+                    ("missing", missing),
+                    ("unexpected", extra),
+                    ("of another shape", shapes),
+                )
+                if keys
+            ]
+            raise CheckpointError(
+                "the checkpoint's LoRA does not fit the configured model ("
+                + "; ".join(problems)
+                + "): use the config the checkpoint was trained with (its run folder's config.yaml)"
+            )
 
     def _apply_configured_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
         """Overwrite the saved param groups' hyperparameters with the configured optimizer's."""

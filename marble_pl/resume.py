@@ -174,9 +174,9 @@ def check_changes(changes: list[tuple[str, Any, Any]], ckpt: Path) -> None:
             f"{k}: {_short(o)} (checkpoint) -> {_short(n)} (now)" for k, o, n in fixed
         )
         raise ConfigError(
-            f"cannot resume {str(ckpt)!r} with changed {listed}. These settings change the "
-            "LoRA's shapes or what the update means: resume with the checkpoint's values, or "
-            "start a new run without --ckpt_path"
+            f"cannot load {str(ckpt)!r} with changed {listed}. These settings change the "
+            "LoRA's shapes or what the update means: use the checkpoint's values (its run "
+            "folder's config.yaml), or start a new run without --ckpt_path"
         )
 
 

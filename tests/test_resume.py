@@ -124,7 +124,7 @@ def test_rerun_starts_a_new_run_and_resume_applies_or_refuses_changes(
     )  # fmt: skip
     assert code == 2
     line = err.strip().splitlines()[-1]
-    assert line.startswith("marble: error: cannot resume")
+    assert line.startswith("marble: error: cannot load")
     assert "model.lora_rank: 4 (checkpoint) -> 8 (now)" in line and "model.rewards" in line
     assert "Traceback" not in err
 
@@ -302,3 +302,50 @@ def test_progress_bar_counts_steps_and_shortens_reward_names():
 def test_bad_ckpt_path_value_is_a_config_error():
     with pytest.raises(ConfigError, match="not supported"):
         plan_resume("best", {"trainer": {}})
+
+
+def test_checkpoint_lora_keys_must_fit_the_module(tiny_sd3_path):
+    from test_module import make_module
+
+    from marble_pl.models import is_lora_key
+
+    source = make_module(tiny_sd3_path)
+    source.configure_model()
+    state = {k: v.clone() for k, v in source.state_dict().items() if is_lora_key(k)}
+    dropped = sorted(state)[:2]
+
+    target = make_module(tiny_sd3_path)
+    target.configure_model()
+    target.on_load_checkpoint({"state_dict": dict(state)})  # the same LoRA: accepted
+    broken = {k: v for k, v in state.items() if k not in dropped}
+    broken["transformer.extra.lora_A.default.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"2 missing: .*; 1 unexpected: transformer\.extra"):
+        target.on_load_checkpoint({"state_dict": broken})
+    reshaped = dict(state)
+    reshaped[dropped[0]] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="1 of another shape"):
+        target.on_load_checkpoint({"state_dict": reshaped})
+
+    # eval_ema_decay turned on at resume: the EMA adapter starts from the trained one.
+    with_ema = make_module(tiny_sd3_path, eval_ema_decay=0.9)
+    with_ema.configure_model()
+    checkpoint = {"state_dict": dict(state)}
+    with_ema.on_load_checkpoint(checkpoint)
+    ema_keys = [k for k in checkpoint["state_dict"] if ".ema." in k]
+    assert ema_keys
+    for key in ema_keys:
+        assert torch.equal(checkpoint["state_dict"][key], state[key.replace(".ema.", ".default.")])
+
+
+@pytest.mark.slow
+def test_validate_refuses_a_checkpoint_of_another_lora(tmp_path, tiny_sd3_path, capsys):
+    cfg = write_config(tmp_path, tiny_sd3_path, trainer__max_steps=1)
+    code, err = run_cli(capsys, "fit", "--config", str(cfg))
+    assert code == 0, err[-3000:]
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    code, err = run_cli(
+        capsys, "validate", "--config", str(cfg), f"--ckpt_path={last}", "--model.lora_rank=8"
+    )
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("marble: error: cannot load") and "model.lora_rank: 4" in line
