@@ -867,38 +867,22 @@ class MarbleModule(LightningModule):
         cost). More: a no-grad forward of every micro-batch first (the balance needs the whole
         batch), whose ``v_old`` is kept. Returns ``(stats [N, 3], losses [K], kept forwards)``.
         """
-        hp = self.hparams
-        chunks = pairs.chunks(hp.micro_batch_size)
-        if not need_stats or len(chunks) == 1:
-            return (
-                self._stats_from_update_pass(pairs, cond, r) if need_stats else (None, None, None)
-            )
-        n = int(r.shape[0])
-        stats = torch.zeros(n, 3, dtype=torch.float64, device=r.device)
-        loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
-        cache: list[Forward] = []
-        with torch.no_grad():
-            for mb in chunks:
+        chunks = pairs.chunks(self.hparams.micro_batch_size)
+        if not need_stats:
+            return None, None, None
+        seen: tuple[Tensor, Tensor] | None = None
+        kept: list[Forward] = []
+        for mb in chunks:
+            if len(chunks) == 1:  # with grad, kept for the update: no extra forward
                 v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-                cache.append((None, v_old))
-                rows = r[pairs.image[mb]]
-                stats.index_add_(
-                    0, pairs.image[mb], nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
-                )
-                loss_sum += nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw).double().sum(0)
-        return stats, (loss_sum / len(pairs)).to(r.dtype), cache
-
-    def _stats_from_update_pass(
-        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor
-    ) -> tuple[Tensor, Tensor, list[Forward]]:
-        """Single micro-batch: one forward gives the statistics AND, kept, the update's graph."""
-        hp = self.hparams
-        mb = pairs.chunks(None)[0]
-        v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-        stats = torch.zeros(r.shape[0], 3, dtype=torch.float64, device=r.device)
-        stats.index_add_(0, pairs.image, nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw))
-        losses = nft_loss(v_theta, v_old, v_target, r[pairs.image], hp.beta, **kw).mean(0)
-        return stats, losses.detach(), [(v_theta, v_old)]
+                kept.append((v_theta, v_old))
+            else:
+                with torch.no_grad():
+                    v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+                kept.append((None, v_old))
+            seen = self._fold_stats(seen, pairs, mb, r, (v_theta, v_old, v_target), kw)
+        stats, loss_sum = seen
+        return stats, (loss_sum / len(pairs)).to(r.dtype), kept
 
     def accumulate_update(
         self,
