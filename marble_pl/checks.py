@@ -62,7 +62,7 @@ def check_choices(
     """The string settings name one of their choices (the CLI checks them too; Python does not)."""
     choices = {
         "balancer": (balancer, ("marble", "weighted_sum", "single")),
-        "gradient_space": (gradient_space, ("output", "parameters")),
+        "gradient_space": (gradient_space, ("output", "gramian", "parameters")),
         "loss_form": (loss_form, ("reference", "plain")),
         "nonfinite_rewards": (nonfinite_rewards, ("error", "drop")),
         "weights_dtype": (weights_dtype, tuple(sorted(TORCH_DTYPES))),

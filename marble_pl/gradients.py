@@ -15,7 +15,7 @@ from torch import Tensor
 
 from marble_pl.nft import nft_output_grad, output_gram
 
-GradientSpace = Literal["parameters", "output"]
+GradientSpace = Literal["parameters", "gramian", "output"]
 
 __all__ = [
     "GradientSpace",

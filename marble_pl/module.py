@@ -52,6 +52,7 @@ from marble_pl.checks import (
 )
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
+from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, affine_split
 from marble_pl.models import (
     DEFAULT_ADAPTER,
     DEFAULT_LORA_TARGETS,
@@ -67,7 +68,7 @@ from marble_pl.models import (
     load_sd3,
     use_adapter,
 )
-from marble_pl.nft import check_beta, nft_loss, nft_output_stats, output_gram
+from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
 from marble_pl.rewards import build_rewards
 from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
@@ -370,6 +371,7 @@ class MarbleModule(LightningModule):
         self.last_step: StepRecord | None = None
         self.last_timing: dict[str, float] = {}
         self._negative: tuple[Tensor, Tensor] | None = None
+        self._taps: LinearGradientTaps | None = None
         self._configured = False
         self.timesteps_count = check_timesteps(
             timesteps_per_image, timestep_sampling, num_inference_steps
@@ -752,7 +754,7 @@ class MarbleModule(LightningModule):
         # 5-7. Per-reward gradients of the WHOLE batch -> balance (OSQP) -> coefficient EMA.
         grads = direction = m = stats = kept = None
         lagged = self._lagged_balance(pairs)  # earlier batches' lambda_bar; this Gram after
-        if hp.gradient_space == "parameters":
+        if hp.gradient_space != "output":  # exact: K backwards, or two with the gramian taps
             grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r)
             m = gram(grads)
         elif not lagged:
@@ -1033,23 +1035,46 @@ class MarbleModule(LightningModule):
         grads = kl_grad = None
         loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=r.device)
+        taps = self._gradient_taps()
         for mb in pairs.chunks(hp.micro_batch_size):
-            v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-            losses = nft_loss(v_theta, v_old, v_target, r[pairs.image[mb]], hp.beta, **kw)
-            objectives = list(losses.sum(0) / total)
-            if hp.kl_beta > 0:
-                kl = self._kl(pairs, mb, cond, v_theta) / total
-                objectives.append(kl)
+            with taps or contextlib.nullcontext():
+                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
+            rows = r[pairs.image[mb]]
+            kl = self._kl(pairs, mb, cond, v_theta) / total if hp.kl_beta > 0 else None
+            if taps is None:  # parameters: K (+1) backwards, one per objective
+                losses = nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw)
+                objectives = list(losses.sum(0) / total) + ([kl] if kl is not None else [])
+                g = parameter_grads(torch.stack(objectives), self.lora_params)
+                g, g_kl = g[: r.shape[1]], (g[-1] if kl is not None else None)
+            else:  # gramian: l = r a + b per pair, two (+1) backwards whatever K is
+                e_pos, e_neg = nft_errors(
+                    v_theta, v_old, v_target, hp.beta, **self._error_kwargs(kw)
+                )
+                a, b = affine_split(e_pos, e_neg, kw.get("scale", 1.0))
+                losses = rows * a.detach().unsqueeze(1) + b.detach().unsqueeze(1)
+                g, g_kl = affine_reward_grads(taps, a / total, b / total, rows, kl)
+            grads = g if grads is None else grads + g
+            if kl is not None:
+                kl_grad = g_kl if kl_grad is None else kl_grad + g_kl
                 kl_sum += kl.detach().double()
-            g = parameter_grads(torch.stack(objectives), self.lora_params)
-            grads = g[: r.shape[1]] if grads is None else grads + g[: r.shape[1]]
-            if hp.kl_beta > 0:
-                kl_grad = g[-1] if kl_grad is None else kl_grad + g[-1]
             loss_sum += losses.detach().double().sum(0)
         grads = self._all_reduce_mean(grads)
         kl_grad = torch.zeros_like(grads[0]) if kl_grad is None else self._all_reduce_mean(kl_grad)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
         return grads, kl_grad, (loss_sum / total).to(r.dtype), kl_out
+
+    def _gradient_taps(self) -> LinearGradientTaps | None:
+        """The LoRA layers' per-sample gradient taps in ``gramian`` space (None otherwise)."""
+        if self.hparams.gradient_space != "gramian":
+            return None
+        if self._taps is None:
+            self._taps = LinearGradientTaps(self.transformer, self.lora_params)
+        return self._taps
+
+    @staticmethod
+    def _error_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+        """The loss kwargs :func:`~marble_pl.nft.nft_errors` takes (all but ``scale``)."""
+        return {key: value for key, value in kw.items() if key != "scale"}
 
     def loss_grads(
         self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r_cols: Tensor

@@ -62,8 +62,11 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
         # 2 timesteps per image in micro-batches of 4 pairs: the balance and the one update
         # accumulate over micro-batches AND ranks (DDP syncs the gradient once, at the last).
         ("output", {"timesteps_per_image": 2, "micro_batch_size": 4}),
+        # The tapped per-sample gradients: exact per-reward gradients all-reduced as in
+        # `parameters` space, so the global Gram equals the single process's.
+        ("gramian", {"timesteps_per_image": 2, "micro_batch_size": 4}),
     ],
-    ids=["output", "parameters", "output-micro-batches"],
+    ids=["output", "parameters", "output-micro-batches", "gramian-micro-batches"],
 )
 def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space, recipe):
     common = {"model": tiny_sd3_path, "space": space, "steps": 2, "advantage_std": "group"}
