@@ -1,8 +1,10 @@
 """Step time of MARBLE against the single-reward baseline, side by side in one process.
 
-Four variants of the real ``MarbleModule.training_step`` on the same model and prompts:
+Six variants of the real ``MarbleModule.training_step`` on the same model and prompts:
 ``single`` (one reward scored and trained: the speed reference), ``weighted_sum`` (K rewards),
-``marble`` in ``output`` space (amortized) and ``marble`` in ``parameters`` space (exact). Steps
+``marble`` in ``output`` space (amortized), in ``parameters`` space (exact, K backwards), in
+``gramian`` space (exact, two backwards with per-sample taps) and in ``gramian`` space balanced
+every 4th step (``balance_every_n_steps``; one backward in between). Steps
 are interleaved round-robin (A B C D A B C D ...) after a warm-up, so machine noise hits every
 variant alike, and reported as ratios: ``speed = single_time / variant_time`` (0.98 = 2 %
 slower). The update phase alone (per-reward gradients, balance, backward, optimizer step) is
@@ -12,8 +14,8 @@ reported too: there the balancing overhead is not hidden behind the rollout.
     python benchmarks/step_time.py --device cuda --model /path/to/sd3 --resolution 512
     python benchmarks/step_time.py --device cuda --config configs/sd35.yaml --model.x=y ...
 
-With ``--config`` each variant is built as ``marble fit --config`` builds it (so four copies
-of the model live in the process: on one GPU that needs room for four pipelines).
+With ``--config`` each variant is built as ``marble fit --config`` builds it (so six copies
+of the model live in the process: on one GPU that needs room for six pipelines).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ VARIANTS = {
     "weighted_sum": {"balancer": "weighted_sum"},
     "marble_output": {"balancer": "marble", "gradient_space": "output"},
     "marble_parameters": {"balancer": "marble", "gradient_space": "parameters"},
+    "marble_gramian": {"balancer": "marble", "gradient_space": "gramian"},
+    "marble_gramian_every4": {
+        "balancer": "marble",
+        "gradient_space": "gramian",
+        "balance_every_n_steps": 4,
+    },
 }
 
 
@@ -125,8 +133,9 @@ def build_from_config(
     switch = [f"--model.balancer={overrides['balancer']}"]
     if first_reward is not None:  # `single`, the speed reference: one reward scored and trained
         switch.append(f"--model.rewards={json.dumps([first_reward])}")
-    if "gradient_space" in overrides:
-        switch.append(f"--model.gradient_space={overrides['gradient_space']}")
+    for key in ("gradient_space", "balance_every_n_steps"):
+        if key in overrides:
+            switch.append(f"--model.{key}={overrides[key]}")
     seed_everything(0)
     cli = MarbleCLI(
         MarbleModule,

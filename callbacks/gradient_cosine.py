@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from marble_pl.balance import gram
 from marble_pl.errors import ConfigError
 from marble_pl.gradients import cosines, output_cosines
 
@@ -28,11 +29,15 @@ class GradientCosineMonitor(Callback):
     * ``cos/frac_min_negative`` and ``cos_ws/frac_min_negative``: the running fraction of
       steps, since the start of the run, whose worst cosine is negative.
 
-    In ``output`` gradient space the cosines are output-space ones (closed form, no backward).
+    In ``output`` gradient space the cosines are output-space ones (closed form, no backward);
+    in ``parameters`` and ``gramian`` space they are exact.
     Every ``audit_every_n_steps`` steps it also logs exact parameter-space cosines under
-    ``cos_exact/...`` and ``cos_exact_ws/...`` (K + 2 backward passes on that step only). In
-    ``parameters`` space the cosines are exact already; the weighted-sum direction costs one
-    extra backward per step (K more for the baselines, which have no per-reward gradients).
+    ``cos_exact/...`` and ``cos_exact_ws/...`` (K + 2 backward passes on that step only), and
+    how far the step's output-space coefficients are from those the balancer gives on the exact
+    Gram: ``lambda_exact/<reward>`` and ``lambda_exact/gap`` (max absolute difference). In the
+    exact spaces the weighted-sum direction costs one extra backward per step (K more for the
+    baselines, which have no per-reward gradients). On steps that apply earlier coefficients
+    without a Gram (``balance_every_n_steps``) nothing is logged.
     The running counts are saved in checkpoints.
 
     Args:
@@ -97,6 +102,7 @@ class GradientCosineMonitor(Callback):
                 g = ctx.param_grads(torch.cat([ctx.r, ctx.r_applied[:, None], r_ws], dim=1))
                 audit.update(self._named("cos_exact", names, cosines(g[:k], g[k])))
                 audit.update(self._named("cos_exact_ws", names, cosines(g[:k], g[k + 1])))
+                audit.update(self._coefficient_gap(pl_module, names, g[:k], ctx.weights_raw))
         self.steps += 1
         self.negative += int(cos.min() < 0)
         self.negative_ws += int(cos_ws.min() < 0)
@@ -111,6 +117,23 @@ class GradientCosineMonitor(Callback):
             # values on every later step until the next audit.
             for logger in trainer.loggers:
                 logger.log_metrics(audit, step=trainer.global_step)
+
+    @staticmethod
+    def _coefficient_gap(
+        pl_module: LightningModule,
+        names: Sequence[str],
+        grads: torch.Tensor,
+        weights_raw: np.ndarray | None,
+    ) -> dict[str, float]:
+        """How far this step's output-space ``lambda*`` is from the balancer's ``lambda*`` on the
+        exact parameter-space Gram: ``lambda_exact/<name>`` and ``lambda_exact/gap`` (max
+        absolute difference). Nothing for the baselines (their weights ignore the Gram)."""
+        if weights_raw is None or not pl_module.balancer.needs_gram:
+            return {}
+        exact = pl_module.coefficients_for(gram(grads))
+        out = {f"lambda_exact/{n}": float(v) for n, v in zip(names, exact, strict=True)}
+        out["lambda_exact/gap"] = float(np.abs(np.asarray(weights_raw) - exact).max())
+        return out
 
     @staticmethod
     def _named(prefix: str, names: Sequence[str], values: torch.Tensor) -> dict[str, float]:

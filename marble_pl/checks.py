@@ -57,11 +57,10 @@ _LIGHTNING_KEYS = ("state_dict", "global_step")
 
 
 def check_choices(
-    balancer: str, gradient_space: str, loss_form: str, nonfinite_rewards: str, weights_dtype: str
+    gradient_space: str, loss_form: str, nonfinite_rewards: str, weights_dtype: str
 ) -> None:
     """The string settings name one of their choices (the CLI checks them too; Python does not)."""
     choices = {
-        "balancer": (balancer, ("marble", "weighted_sum", "single")),
         "gradient_space": (gradient_space, ("output", "gramian", "parameters")),
         "loss_form": (loss_form, ("reference", "plain")),
         "nonfinite_rewards": (nonfinite_rewards, ("error", "drop")),

@@ -30,16 +30,8 @@ from marble_pl.advantages import (
     optimality,
     pooled_std,
 )
-from marble_pl.balance import (
-    BalanceResult,
-    FixedWeights,
-    MinNormSolver,
-    Normalization,
-    gradient_scales,
-    gram,
-    rescale_gram,
-    to_raw_weights,
-)
+from marble_pl.balance import BalanceResult, Normalization, gram
+from marble_pl.balancers import Balancer, resolve_balancer
 from marble_pl.checks import (
     check_choices,
     check_guidance,
@@ -133,6 +125,8 @@ class GradientContext:
     grads: Tensor | None
     direction: Tensor | None
     grads_fn: Callable[[Tensor], Tensor]
+    weights_raw: np.ndarray | None = None
+    """This step's ``lambda*`` (from the Gram of the step's gradient space)."""
 
     def param_grads(self, r_cols: Tensor) -> Tensor:
         """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``."""
@@ -181,14 +175,22 @@ class MarbleModule(LightningModule):
         load_t5: load the T5 text encoder (SD3's third encoder) when the pipeline has one.
         rewards: reward names or specs (``{"name": ..., **kwargs}`` or ``class_path``), see
             :mod:`marble_pl.rewards`.
-        balancer: ``marble`` (OSQP min-norm over per-reward gradients), ``weighted_sum`` (one
-            advantage estimator on ``R @ reward_weights``: today's practice) or ``single``
-            (only ``rewards[single_reward]`` trains; the speed reference).
-        reward_weights: the weighted-sum weights (uniform when None).
-        single_reward: index of the reward the ``single`` balancer trains on.
-        gradient_space: ``output`` (amortized, closed form, one backward) or ``parameters``
-            (exact, K backwards over the LoRA parameters).
-        normalization: gradient normalisation before the Gram: ``none``, ``l2`` or ``loss``.
+        balancer: a :class:`~marble_pl.balancers.Balancer` (YAML: ``class_path`` +
+            ``init_args``): ``MinNormBalancer`` (MARBLE's OSQP min-norm QP), ``WeightedSum``
+            (one advantage estimator on ``R @ w``: today's practice), ``SingleReward`` (the
+            speed reference) or ``GramianWeighting`` (torchjd's UPGrad, MGDA, ...; extra
+            ``marble-pl[balancers]``). The names ``marble``, ``weighted_sum`` and ``single``
+            are shortcuts for the first three, configured by the next three settings.
+        reward_weights: the ``weighted_sum`` shortcut's weights (uniform when None).
+        single_reward: index of the reward the ``single`` shortcut trains on.
+        gradient_space: where the per-reward gradients and their Gram live. ``gramian``: exact
+            LoRA-parameter gradients from two backwards whatever K is (per-sample taps on the
+            LoRA layers, :mod:`marble_pl.gramian`); ``parameters``: the same vectors from K
+            backwards; ``output``: gradients with respect to the transformer's output, in
+            closed form (one backward; a different Gram, so its guarantees hold in output
+            space only).
+        normalization: the ``marble`` shortcut's gradient normalisation before the QP: ``none``,
+            ``l2`` or ``loss``.
         beta: DiffusionNFT's guidance strength, in (0, 1].
         a_max: advantage clip (DiffusionNFT's ``adv_clip_max``); ``r`` in [0, 1].
         advantage_std: the advantages' standard deviation, per reward (the mean is always the
@@ -241,6 +243,11 @@ class MarbleModule(LightningModule):
             own forwards give, into them afterwards: no extra forward pass, a one-step lag and
             no guard (the Gram is only known after the update). False: the exact balance of
             the batch, at the cost of one no-grad forward pass of the trained policy.
+        balance_every_n_steps: amortize the balance across steps: the per-reward gradients and
+            their Gram only every n-th step (``global_step % n == 0``); in between, the earlier
+            coefficients (``lambda_bar``, the coefficient EMA's value) are applied with ONE
+            backward, as the weighted sum costs. 1: every step. Gradient monitors log on the
+            balanced steps only.
         eval_ema_decay: keep an EMA of the trained adapter (a third LoRA adapter, float32) and
             evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
             eval_ema_decay)`` after each update, as DiffusionNFT's evaluation EMA (0.9). None:
@@ -259,7 +266,7 @@ class MarbleModule(LightningModule):
         weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
         rewards: Sequence[str | dict[str, Any]] = ("brightness", "saturation", "compressibility"),
-        balancer: BalancerName = "marble",
+        balancer: BalancerName | Balancer = "marble",
         reward_weights: Sequence[float] | None = None,
         single_reward: int = 0,
         gradient_space: GradientSpace = "output",
@@ -291,6 +298,7 @@ class MarbleModule(LightningModule):
         micro_batch_size: int | None = None,
         rollout_chunk_size: int | None = None,
         lagged_balance: bool = False,
+        balance_every_n_steps: int = 1,
         eval_ema_decay: float | None = None,
         eval_num_inference_steps: int | None = None,
         seed: int = 0,
@@ -298,12 +306,20 @@ class MarbleModule(LightningModule):
         schedule = check_old_policy_decay(old_policy_decay)
         old_policy_decay = schedule.as_plain()  # hparams/checkpoints hold plain data only
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "balancer"])
+        # hparams and checkpoints hold plain data: a name, or the balancer class's spec
+        self.balancer = resolve_balancer(
+            balancer,
+            reward_weights=reward_weights,
+            single_reward=single_reward,
+            normalization=normalization,
+        )
+        self.hparams["balancer"] = balancer if isinstance(balancer, str) else self.balancer.spec()
         self.old_policy_schedule = schedule
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the LoRA weights only, not the base model
         check_beta(beta)
-        check_choices(balancer, gradient_space, loss_form, nonfinite_rewards, weights_dtype)
+        check_choices(gradient_space, loss_form, nonfinite_rewards, weights_dtype)
         check_ranges(
             a_max=a_max,
             t_min=t_min,
@@ -321,19 +337,12 @@ class MarbleModule(LightningModule):
 
         self.rewards = build_rewards(list(rewards))
         self.reward_names: list[str] = [rw.name for rw in self.rewards]
+        self.balancer.bind(self.reward_names)
         k = len(self.reward_names)
-        if reward_weights is not None and len(reward_weights) != k:
+        if reward_weights is not None and len(reward_weights) != k:  # whatever the balancer
             raise ConfigError(
                 f"model.reward_weights has {len(reward_weights)} entries for {k} rewards "
                 f"{self.reward_names}: give one weight per reward, in the same order"
-            )
-        self.fixed_weights = FixedWeights(
-            reward_weights if reward_weights is not None else [1.0] * k
-        )
-        if balancer == "single" and not 0 <= single_reward < k:
-            raise ConfigError(
-                f"model.single_reward={single_reward} is out of range for rewards "
-                f"{self.reward_names}: use an index from 0 to {k - 1}"
             )
         try:
             self.rollout_config = RolloutConfig(
@@ -357,7 +366,6 @@ class MarbleModule(LightningModule):
             )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.solver = MinNormSolver()
         self.val_rewards = torch.nn.ModuleDict(
             {_metric_key(name): MeanMetric() for name in self.reward_names}
         )
@@ -376,6 +384,11 @@ class MarbleModule(LightningModule):
         self.timesteps_count = check_timesteps(
             timesteps_per_image, timestep_sampling, num_inference_steps
         )
+        if balance_every_n_steps < 1:
+            raise ConfigError(
+                f"model.balance_every_n_steps must be >= 1 (1: balance every step), got "
+                f"{balance_every_n_steps}"
+            )
         for name, value in (
             ("micro_batch_size", micro_batch_size),
             ("rollout_chunk_size", rollout_chunk_size),
@@ -636,22 +649,28 @@ class MarbleModule(LightningModule):
         ``guard=False`` folds ``lambda*`` into the EMA without the EMA guard's check (the
         lagged balance, whose coefficients were applied before this Gram was known).
         """
-        hp = self.hparams
-        if hp.balancer != "marble" or m is None:
+        if not self.balancer.needs_gram or m is None:
             return np.ones(1), np.ones(1), None
-        k = m.shape[0]
-        if not bool(torch.isfinite(m).all()) or float(torch.trace(m)) == 0.0:
+        result = self.balancer(m, losses.detach().double().cpu().numpy())
+        if result.status in ("zero_gram", "nonfinite_gram"):
             # Nothing to balance: the step is skipped after the backward (non-finite or zero
-            # gradient), so keep the EMA untouched and report uniform weights.
-            uniform = np.full(k, 1.0 / k)
-            status = "zero_gram" if bool(torch.isfinite(m).all()) else "nonfinite_gram"
-            return uniform, uniform, BalanceResult(uniform, status, 0.0, False)
-        scales = gradient_scales(m, hp.normalization, losses.detach().double().cpu().numpy())
-        result = self.solver(rescale_gram(m, scales))
+            # gradient), so keep the EMA untouched and report the balancer's uniform weights.
+            return result.weights, result.weights, result
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
-        raw = self._broadcast(to_raw_weights(result.weights, scales))
+        raw = self._broadcast(result.weights)
         return raw, self._smooth(raw, m if guard else None), result
+
+    def coefficients_for(self, m: Tensor, losses: Tensor | None = None) -> np.ndarray:
+        """The configured balancer's ``lambda*`` for another Gram ``m``, leaving its state alone.
+
+        A fresh balancer of the same spec solves it (no warm start), so an audit does not move
+        the training's solver state (exact resume).
+        """
+        fresh = resolve_balancer(self.balancer.spec())
+        fresh.bind(self.reward_names)
+        host = None if losses is None else losses.detach().double().cpu().numpy()
+        return fresh(m.detach().double().cpu().numpy(), host).weights
 
     def _grad_norm(self) -> float:
         """Norm of the gradient about to be applied (identical on every rank after the sync)."""
@@ -736,12 +755,10 @@ class MarbleModule(LightningModule):
         rewards = self.score(out.images, prompts)
         bad = self._check_finite(rewards)
         r_each = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)  # [N, K]
-        if hp.balancer == "marble":
-            r = r_each
-        else:  # the baselines train on one column, r of R @ w (w one-hot for `single`)
-            r = self.optimality_probabilities(
-                rewards, group_ids, bad, self.effective_weights(np.ones(1))
-            ).to(x0.dtype)
+        mix = self.balancer.mix()  # None: per reward; w: ONE estimator on R @ w (the baselines)
+        r = r_each
+        if mix is not None:
+            r = self.optimality_probabilities(rewards, group_ids, bad, mix).to(x0.dtype)
         t2 = time.perf_counter()
 
         # 4. Training pairs: T timesteps per image, fresh noise each, x_t on the forward process.
@@ -753,15 +770,16 @@ class MarbleModule(LightningModule):
 
         # 5-7. Per-reward gradients of the WHOLE batch -> balance (OSQP) -> coefficient EMA.
         grads = direction = m = stats = kept = None
-        lagged = self._lagged_balance(pairs)  # earlier batches' lambda_bar; this Gram after
-        if hp.gradient_space != "output":  # exact: K backwards, or two with the gramian taps
+        reuse = self._reuse_mode(pairs)  # earlier lambda_bar: "lagged" (Gram after) or "between"
+        lagged = reuse == "lagged"
+        if reuse is None and hp.gradient_space != "output":  # exact: K backwards (two: gramian)
             grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r)
             m = gram(grads)
-        elif not lagged:
-            need_stats = hp.balancer == "marble" or bool(monitors)
+        elif reuse is None:
+            need_stats = self.balancer.needs_gram or bool(monitors)
             stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats)
             m = self._output_gram(stats, r)
-        coefficients = self._previous_coefficients() if lagged else self._coefficients(m, losses)
+        coefficients = self._previous_coefficients() if reuse else self._coefficients(m, losses)
         raw, weights, result = coefficients
         lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
         r_bar = r @ lam  # the update's r: sum_k lambda_bar_k r_k (affine loss)
@@ -771,12 +789,12 @@ class MarbleModule(LightningModule):
         def notify(stats: Tensor | None) -> None:  # gradient monitors see the balanced step
             ctx = GradientContext(
                 self, rewards, group_ids, bad, r_each, r_bar, stats, grads, direction,
-                grads_fn=lambda cols: self.loss_grads(pairs, cond, cols),
+                grads_fn=lambda cols: self.loss_grads(pairs, cond, cols), weights_raw=raw,
             )  # fmt: skip
             for cb in monitors:
                 cb.on_marble_gradients(self.trainer, self, ctx)
 
-        if monitors and not lagged:
+        if monitors and reuse is None:
             notify(stats)
 
         # 8. ONE update along d = sum_k lambda_bar_k g_k (+ the KL gradient), all micro-batches.
@@ -957,30 +975,36 @@ class MarbleModule(LightningModule):
 
     def _output_gram(self, stats: Tensor | None, r: Tensor) -> Tensor | None:
         """The global output-space Gram of the batch (MARBLE only; all ranks' samples)."""
-        if self.hparams.balancer != "marble" or stats is None:
+        if not self.balancer.needs_gram or stats is None:
             return None
         return self._all_reduce_sum(output_gram(stats, r))
 
-    def _lagged_balance(self, pairs: TrainingPairs) -> bool:
-        """Whether this step applies earlier batches' coefficients (``lagged_balance``).
+    def _reuse_mode(self, pairs: TrainingPairs) -> Literal["lagged", "between"] | None:
+        """Whether this step applies earlier batches' coefficients instead of balancing first.
 
-        Only where it saves work: MARBLE in output space with more than one micro-batch, once a
-        previous step has left coefficients (the first step is balanced exactly).
+        ``between``: a step between two balanced ones (``balance_every_n_steps``): no Gram at
+        all. ``lagged`` (``lagged_balance``): only where it saves work, in output space with more
+        than one micro-batch; this batch's Gram is folded in after the update. Either needs
+        earlier coefficients (the first step is balanced exactly) and a balancer that uses them.
         """
         hp = self.hparams
-        return (
+        if not self.balancer.needs_gram or self._previous_weights() is None:
+            return None
+        if self.global_step % hp.balance_every_n_steps != 0:
+            return "between"
+        if (
             hp.lagged_balance
-            and hp.balancer == "marble"
             and hp.gradient_space == "output"
             and len(pairs.chunks(hp.micro_batch_size)) > 1
-            and self._previous_weights() is not None
-        )
+        ):
+            return "lagged"
+        return None
 
     def _previous_weights(self) -> np.ndarray | None:
         """``lambda_bar`` of the earlier batches (the EMA's value, else the last ``lambda*``)."""
         ema = self._coefficient_ema()
         value = ema.value if ema is not None else None
-        return value if value is not None else self.solver.last_weights
+        return value if value is not None else self.balancer.warm_start
 
     def _previous_coefficients(self) -> tuple[np.ndarray, np.ndarray, None]:
         """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step)."""
@@ -1096,14 +1120,7 @@ class MarbleModule(LightningModule):
 
     def effective_weights(self, weights: np.ndarray) -> np.ndarray:
         """Per-reward weights of an update: ``lambda`` (marble), ``w`` (weighted_sum), one-hot (single)."""
-        hp = self.hparams
-        if hp.balancer == "marble":
-            return weights
-        if hp.balancer == "weighted_sum":
-            return self.fixed_weights.weights
-        one_hot = np.zeros(len(self.reward_names))
-        one_hot[hp.single_reward] = 1.0
-        return one_hot
+        return self.balancer.effective_weights(weights)
 
     def _logger_writes_this_step(self) -> bool:
         """Whether Lightning's logger writes this step's metrics (``log_every_n_steps``).
@@ -1146,7 +1163,7 @@ class MarbleModule(LightningModule):
             log[f"lambda_ema/{name}"] = float(lam_bar)
         if result is not None:
             log["qp/solve_ms"] = result.solve_seconds * 1e3
-            log["qp/status"] = float(result.status in ("solved", "single"))
+            log["qp/status"] = float(not result.fallback)  # 1: the balancer solved its problem
             log["qp/fallbacks"] = float(self.counters["qp_fallbacks"])
         if kl is not None:
             log["kl"] = float(kl.detach())
@@ -1194,9 +1211,7 @@ class MarbleModule(LightningModule):
         }
         checkpoint["marble"] = {
             "counters": dict(self.counters),
-            "qp_warm_start": None
-            if self.solver.last_weights is None
-            else self.solver.last_weights.tolist(),
+            "balancer": self.balancer.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -1210,8 +1225,10 @@ class MarbleModule(LightningModule):
         self._apply_configured_optimizer_settings(checkpoint)
         state = checkpoint.get("marble", {})
         self.counters.update(state.get("counters", {}))
-        if state.get("qp_warm_start") is not None:
-            self.solver.last_weights = np.asarray(state["qp_warm_start"], dtype=np.float64)
+        if "balancer" in state:
+            self.balancer.load_state_dict(state["balancer"])
+        elif state.get("qp_warm_start") is not None:  # checkpoints written before balancers
+            self.balancer.warm_start = np.asarray(state["qp_warm_start"], dtype=np.float64)
 
     def _check_lora_keys(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose LoRA tensors do not fit this module, naming them.

@@ -26,6 +26,7 @@ __all__ = [
     "IGNORED_ON_RESUME",
     "ResumePlan",
     "diff_settings",
+    "reshaped_settings",
     "find_last_checkpoint",
     "flatten",
     "run_root",
@@ -159,6 +160,26 @@ def diff_settings(
     return out
 
 
+def reshaped_settings(
+    old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] = FIXED_ON_RESUME
+) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for settings whose flattened shape changed, e.g. ``model.balancer``
+    from a name (``marble``) to a class (``model.balancer.class_path``, ...), which
+    :func:`diff_settings` (keys in both only) cannot see."""
+    out = []
+    for key in keys:
+        old_sub = {k: v for k, v in old.items() if k == key or k.startswith(f"{key}.")}
+        new_sub = {k: v for k, v in new.items() if k == key or k.startswith(f"{key}.")}
+        if old_sub and new_sub and old_sub.keys() != new_sub.keys():
+            out.append((key, _unflat(old_sub, key), _unflat(new_sub, key)))
+    return out
+
+
+def _unflat(sub: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` itself, or its flattened sub-settings without the prefix."""
+    return sub[key] if key in sub else {k[len(key) + 1 :]: v for k, v in sub.items()}
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -231,7 +252,8 @@ def plan_resume(
             f"checkpoint {str(path)!r} is at step {step} and trainer.max_steps is {max_steps}: "
             f"nothing left to train. Pass --trainer.max_steps N with N > {step} to train further"
         )
-    changes = diff_settings(saved_settings(ckpt, path), flatten(dict(config)))
+    old, new = saved_settings(ckpt, path), flatten(dict(config))
+    changes = diff_settings(old, new) + reshaped_settings(old, new)
     check_changes(changes, path)
     version = version_of(path, root)
     where = f"{root}/version_{version}" if version is not None else "a new run folder"

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from marble_pl.callbacks import CoefficientEMA, GradientCosineMonitor, SampleGrid
 from test_module import PROMPTS, fit, make_module
 
+from marble_pl.balance import frank_wolfe_min_norm
 from marble_pl.grid import image_grid
 from marble_pl.module import GradientContext
 
@@ -64,6 +65,7 @@ class Spy(Callback):
 
     def __init__(self) -> None:
         self.exact: list[list[float]] = []
+        self.gaps: list[float] = []
 
     def on_marble_gradients(self, trainer, pl_module, ctx: GradientContext) -> None:
         if trainer.global_step % 2:
@@ -71,6 +73,10 @@ class Spy(Callback):
         g = torch.stack([ctx.param_grads(ctx.r[:, k : k + 1])[0] for k in range(ctx.r.shape[1])])
         d = ctx.param_grads(ctx.r_applied[:, None])[0]
         self.exact.append(_cos(g, d))
+        # lambda* on the exact Gram by Frank-Wolfe (independent of OSQP), against the step's own
+        m = (g.double() @ g.double().T).numpy()
+        exact = frank_wolfe_min_norm(m / np.trace(m), tol=1e-18)
+        self.gaps.append(float(np.abs(ctx.weights_raw - exact).max()))
 
 
 def test_output_space_audit_matches_independent_exact_cosines(tiny_sd3_path, monkeypatch):
@@ -91,9 +97,12 @@ def test_output_space_audit_matches_independent_exact_cosines(tiny_sd3_path, mon
     assert len(audited) == 2  # steps 0 and 2 only
     # The monitor's audits: one call of K + 2 columns each; nothing on step 1.
     assert [c for c in calls if c == 5] == [5, 5]
-    for logged, exact in zip(audited, spy.exact, strict=True):
+    for logged, exact, gap in zip(audited, spy.exact, spy.gaps, strict=True):
         got = [logged[f"cos_exact/{n}"] for n in module.reward_names]
         np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-6)
+        assert logged["lambda_exact/gap"] == pytest.approx(gap, abs=1e-5)
+        lam = [logged[f"lambda_exact/{n}"] for n in module.reward_names]
+        assert sum(lam) == pytest.approx(1.0) and min(lam) >= 0
     # Output-space cosines are logged every step and lie in [-1, 1].
     assert all(-1 <= h["cos/min"] <= 1 and -1 <= h["cos_ws/min"] <= 1 for h in history.logged)
 
@@ -168,7 +177,7 @@ def test_image_grid_layout():
     assert grid[0, 0, 0] == 0.25 and grid[0, 6, 7] == 0.25  # padding and the empty cell
 
 
-@pytest.mark.parametrize("space", ["output", "parameters"])
+@pytest.mark.parametrize("space", ["output", "parameters", "gramian"])
 def test_raw_min_norm_update_never_conflicts(tiny_sd3_path, space):
     """Without the EMA the applied update is the min-norm point: every cos(g_k, d) >= 0."""
     module = make_module(tiny_sd3_path, gradient_space=space)
@@ -181,7 +190,7 @@ def test_raw_min_norm_update_never_conflicts(tiny_sd3_path, space):
     assert history.logged[-1]["cos/frac_min_negative"] == 0.0
 
 
-@pytest.mark.parametrize("space", ["output", "parameters"])
+@pytest.mark.parametrize("space", ["output", "parameters", "gramian"])
 def test_guarded_ema_never_conflicts(tiny_sd3_path, space):
     """With the guard, a smoothed lambda_bar that would push a reward backwards is not applied."""
     module = make_module(tiny_sd3_path, gradient_space=space)

@@ -44,7 +44,8 @@ def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkey
     model = cli.model
     assert model.reward_names == ["pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward"]
     hp = model.hparams
-    assert (hp.balancer, hp.gradient_space, hp.loss_form) == ("marble", "output", "reference")
+    assert (hp.balancer, hp.gradient_space, hp.loss_form) == ("marble", "gramian", "reference")
+    assert hp.balance_every_n_steps == 4
     assert (hp.lora_rank, hp.weights_dtype, hp.gradient_checkpointing) == (32, "bfloat16", True)
     kinds = {type(cb) for cb in cli.trainer.callbacks}
     assert {CoefficientEMA, GradientCosineMonitor, SampleGrid} <= kinds

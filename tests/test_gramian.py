@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_module import fit, make_module
 from torch import nn
 
 from marble_pl.gramian import LinearGradientTaps, affine_reward_grads
-from tests.test_module import fit, make_module
 
 
 class _Net(nn.Module):
@@ -87,3 +87,59 @@ def test_gramian_space_gram_equals_parameter_space_gram(tiny_sd3_path, overrides
     np.testing.assert_allclose(fast.weights_raw, exact.weights_raw, atol=1e-4)
     rel_d = float((fast.direction - exact.direction).norm() / exact.direction.norm())
     assert rel_d < 1e-5, rel_d
+
+
+def test_balance_every_n_steps_reuses_the_ema_coefficients_in_between(tiny_sd3_path):
+    from marble_pl.callbacks import CoefficientEMA
+    from test_module import Recorder
+
+    module = make_module(
+        tiny_sd3_path, gradient_space="gramian", balance_every_n_steps=2, advantage_std="group"
+    )
+    ema, rec = CoefficientEMA(decay=0.5, guard=False), Recorder()
+    fit(module, steps=4, callbacks=[ema, rec])
+    balanced = [r.balance is not None for r in rec.records]
+    assert balanced == [True, False, True, False]
+    for i in (1, 3):  # in between: no per-reward gradients, the last lambda_bar applied
+        between = rec.records[i]
+        assert between.grads is None and between.gram is None
+        np.testing.assert_array_equal(between.weights, rec.records[i - 1].weights)
+    # The EMA folded in only the balanced steps' lambda* (bias-corrected, decay 0.5).
+    first, third = rec.records[0].weights_raw, rec.records[2].weights_raw
+    expected = (0.5 * 0.5 * first + 0.5 * third) / (1 - 0.25)
+    np.testing.assert_allclose(ema.value, expected, atol=1e-12)
+
+
+def test_balance_every_n_steps_must_be_positive(tiny_sd3_path):
+    from marble_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="balance_every_n_steps"):
+        make_module(tiny_sd3_path, balance_every_n_steps=0)
+
+
+def test_a_torchjd_weighting_chosen_by_class_path_drives_the_update(tiny_sd3_path):
+    pytest.importorskip("torchjd")
+    spec = {"class_path": "GramianWeighting", "init_args": {"weighting": "UPGrad"}}
+    module = make_module(tiny_sd3_path, balancer=spec, gradient_space="gramian")
+    fit(module, steps=1)
+    rec = module.last_step
+    assert module.hparams.balancer["class_path"] == "marble_pl.balancers.GramianWeighting"
+    assert rec.balance.status == "torchjd:UPGrad" and not rec.balance.fallback
+    assert rec.weights.sum() == pytest.approx(1.0)
+    expected = torch.as_tensor(rec.weights, dtype=rec.grads.dtype) @ rec.grads
+    torch.testing.assert_close(rec.direction, expected)
+
+
+def test_torchjd_autogram_engine_gives_the_same_gram_as_the_taps():
+    """benchmarks/gramian_engines.py: torchjd's Engine and our taps agree (timings printed only)."""
+    pytest.importorskip("torchjd")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gramian_engines.py"
+    spec = importlib.util.spec_from_file_location("gramian_engines", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--resolution", "32", "--pairs", "4", "--rewards", "3", "--repeats", "1"])
+    assert result["gram_rel_diff"] < 1e-5
+    assert result["taps_ms"] > 0 and result["torchjd_ms"] > 0

@@ -18,10 +18,12 @@ from marble_pl.callbacks.progress import _short_metrics, _step_description
 from marble_pl.cli import main
 from marble_pl.errors import CheckpointError, ConfigError
 from marble_pl.resume import (
+    check_changes,
     diff_settings,
     find_last_checkpoint,
     flatten,
     plan_resume,
+    reshaped_settings,
     version_of,
 )
 
@@ -66,6 +68,19 @@ def test_flatten_and_diff_list_changes_and_skip_start_keys():
     assert diff_settings(old, new) == [("model.beta", 1.0, 0.5)]
     cbs = flatten({"trainer": {"callbacks": [{"class_path": "A", "init_args": {"d": 1}}]}})
     assert cbs == {"trainer.callbacks.0.class_path": "A", "trainer.callbacks.0.init_args.d": 1}
+
+
+def test_a_balancer_changed_from_a_name_to_a_class_is_a_fixed_change():
+    old = flatten({"model": {"balancer": "marble", "beta": 1.0}})
+    spec = {"class_path": "marble_pl.balancers.WeightedSum", "init_args": {"weights": None}}
+    new = flatten({"model": {"balancer": spec, "beta": 1.0}})
+    assert diff_settings(old, new) == []  # no key in both
+    changes = reshaped_settings(old, new)
+    assert [c[0] for c in changes] == ["model.balancer"]
+    assert changes[0][1] == "marble" and changes[0][2]["class_path"].endswith("WeightedSum")
+    with pytest.raises(ConfigError, match="model.balancer"):
+        check_changes(changes, Path("x.ckpt"))
+    assert reshaped_settings(new, new) == []
 
 
 def test_last_is_the_newest_checkpoint_of_the_run_and_version_is_its_folder(tmp_path):
