@@ -31,11 +31,12 @@ RUN if existing="$(getent passwd "${MARBLE_UID}" | cut -d: -f1)" && [ -n "${exis
     && mkdir -p /cache/huggingface /workspace/runs /workspace/data \
     && chown -R marble:marble /cache /workspace
 
-# The package from the build context (its dependencies from PyPI; torch is already there).
+# The package from the build context with torchjd's balancers (dependencies from PyPI; torch is
+# already there).
 COPY pyproject.toml README.md /tmp/marble-pl/
 COPY marble_pl /tmp/marble-pl/marble_pl
 COPY callbacks /tmp/marble-pl/callbacks
-RUN pip install --no-cache-dir /tmp/marble-pl \
+RUN pip install --no-cache-dir "/tmp/marble-pl[balancers]" \
     && rm -rf /tmp/marble-pl \
     && marble --help > /dev/null
 

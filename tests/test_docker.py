@@ -117,7 +117,8 @@ def test_package_and_configs_come_from_the_build_context():
     sources = {src for parts in copies for src in parts[:-1] if not src.startswith("--")}
     assert "configs" in sources
     assert any(
-        re.search(r"pip install --no-cache-dir (\.|/tmp/marble-pl)(\s|$)", v) for v in values("RUN")
+        re.search(r'pip install --no-cache-dir "?(\.|/tmp/marble-pl)(\[balancers\])?"?(\s|$)', v)
+        for v in values("RUN")
     )
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
