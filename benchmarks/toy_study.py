@@ -1,61 +1,91 @@
-"""Toy multi-reward study: MARBLE against the weighted sum on a tiny conditional flow model.
+"""Toy multi-reward study: every balancer in every gradient space with every EMA guard, K = 3, 5.
 
 The claim under test (ARCHITECTURE §5, the MARBLE paper): with K conflicting rewards whose
 rollouts are *specialists* (good for one reward, irrelevant to the others), a weighted-sum reward
 leaves some reward behind and the gradient of the worst-aligned reward points against the applied
-update in most batches, while MARBLE (one advantage estimator per reward, min-norm QP over the
-per-reward gradients, EMA on the coefficients) raises every reward and keeps every cosine positive.
+update in most batches, while a Gram balancer (one advantage estimator per reward, weights from
+the per-reward gradients' Gram) raises every reward. The study is a grid of
+(balancer, gradient space, coefficient EMA) run with the LIBRARY's code, so its tables pick the
+library's defaults (the EMA guard in particular).
 
-The toy, all on CPU in a few minutes:
+The toy, all on CPU:
 
 * **Data and prompts.** ``2K`` Gaussian modes on a circle of radius 2 in the plane. Each of
   ``--prompts`` prompts is a different mixture of the modes (the "prompt" is an index, embedded).
   Even modes sit on the K reward regions, odd modes are neutral (no reward at all).
 * **Rewards.** ``R_k(x) = s_k * max(0, 1 - |x - c_k|^2 / rho^2)^2``: a compact bump on reward
   region k, exactly flat (zero) elsewhere, so a sample is a specialist for at most one reward.
-  The scales ``s_k`` (``--reward-scales``, default ``1 0.3 0.1``) differ, as real reward models'
-  ranges do (PickScore ~ 20, CLIP score ~ 0.3, ...); the weighted sum uses uniform weights on the
-  raw rewards, which is what users do today. ``--reward-scales 1 1 1`` gives the symmetric toy.
+  The scales ``s_k`` differ, as real reward models' ranges do (PickScore ~ 20, CLIP score
+  ~ 0.3, ...): by default the first K of ``1 0.3 0.1 0.5 0.2`` (repeated beyond 5), for each K of
+  ``--k`` (default ``3 5``); ``--reward-scales`` gives one K explicitly (``1 1 1``: the symmetric
+  toy). The weighted sum uses uniform weights on the raw rewards, which is what users do today.
 * **Model.** A velocity-field MLP ``v(x_t, t, prompt)``, pre-trained by flow matching
   (``x_t = (1 - t) x0 + t eps``, target ``eps - x0``) on the mixture; then frozen, with LoRA
-  adapters (``B = 0`` at start, so the fine-tuned model starts as the base) on every linear layer
-  as the only trainable parameters. The sampling policy ``v_old`` is a second copy of the LoRA
-  weights, updated by EMA after every step.
-* **RL step** (ARCHITECTURE §2, parameter-space gradients): rollout with ``v_old`` (Euler ODE,
-  ``--sampler-steps``), rewards ``R [N, K]``, per-reward group advantages and ``r = optimality(A)``
-  (and, for the weighted sum, one estimator on ``R @ w``; ``--advantage-std``: the group-centred
-  rewards over the group's std, or over the whole batch's std per reward, DiffusionNFT's
-  default), forward process at ``--timesteps`` random ``t`` per rollout (``U(0, 1)``, or with
-  ``--timestep-sampling sampler`` distinct points of the sampler's grid), ``v_theta`` and
-  ``v_old``, DiffusionNFT loss (reference x0-space form), per-reward gradients ``g_k``
-  (K backwards), and the applied gradient:
+  adapters on every linear layer as the only trainable parameters. Each adapter holds its ``A``
+  and ``B`` as bias-free ``nn.Linear`` submodules (``B = 0`` at start, so the fine-tuned model
+  starts as the base), the layout the ``gramian`` space's per-sample taps need. The sampling
+  policy ``v_old`` is a second copy of the LoRA weights, updated by EMA after every step.
+* **RL step** (ARCHITECTURE §2): rollout with ``v_old`` (Euler ODE, ``--sampler-steps``), rewards
+  ``R [N, K]``, per-reward group advantages and ``r = optimality(A)`` (a mixing balancer: one
+  estimator on ``R @ w``; ``--advantage-std``: the group-centred rewards over the group's std, or
+  over the whole batch's std per reward, DiffusionNFT's default), forward process at
+  ``--timesteps`` random ``t`` per rollout (``U(0, 1)``, or with ``--timestep-sampling sampler``
+  distinct points of the sampler's grid), ``v_theta`` and ``v_old``, DiffusionNFT loss
+  (reference x0-space form), then the row's balance and AdamW on the applied gradient
+  ``d = sum_k lambda_k g_k`` (the same vector as ``MarbleModule``'s one backward of the loss with
+  ``r_bar = r @ lambda``, the loss being affine in ``r``; the weighted sum: the gradient of the
+  mixed-reward loss), and ``v_old <- EMA(v_theta)``.
 
-  - ``weighted_sum``: the gradient of the loss with the weighted-sum ``r``;
-  - ``marble``: ``d = sum_k lambda_bar_k g_k`` with ``lambda*`` from the OSQP min-norm QP on the
-    parameter-space Gram and ``lambda_bar`` its EMA (``--coef-decay``, as the training default);
-  - ``marble_guarded``: as ``marble``, but a step whose ``lambda_bar`` would push some reward
-    backwards (``min_k (M lambda_bar)_k < 0``) applies ``lambda*`` instead: the library default,
-    ``CoefficientEMA(guard=True)``;
-  - ``marble_no_ema``: the ablation of the coefficient EMA, ``d = sum_k lambda*_k g_k`` with this
-    batch's QP solution (the only variant with the per-batch guarantee ``<g_k, d> >= |d|^2``);
-  - ``marble_lagged``: ``lagged_balance``: the EMA of EARLIER batches' ``lambda*`` is applied and
-    this batch's ``lambda*`` folded in afterwards (no guard), as ``MarbleModule`` does with several
-    micro-batches to save the extra forward pass.
+The grid (each axis a CLI option):
 
-  Then AdamW on ``d`` and ``v_old <- EMA(v_theta)``. All methods start from the same base, the same
-  LoRA initialisation and the same rollout noise stream, with the same number of steps.
+* **Balancers** (``--balancers``, :mod:`marble_pl.balancers` resolved from the spec a config
+  would hold): ``weighted_sum`` (``WeightedSum()``, uniform: it mixes the rewards, so it has no
+  space and no EMA), ``marble`` (``MinNormBalancer()``: the OSQP min-norm QP) and torchjd's
+  Gramian weightings through ``GramianWeighting``: ``UPGrad``, ``MGDA``, ``DualProj``,
+  ``PCGrad``, ``IMTL-G``, ``Aligned-MTL`` (needs ``marble-pl[balancers]``; missing ones are
+  skipped with a message).
+* **Spaces** (``--spaces``), where the balance's Gram comes from, as ``gradient_space``:
+  ``parameters`` (exact: K backwards, ``gram(g)``), ``gramian`` (exact: two backwards whatever K,
+  :class:`~marble_pl.gramian.LinearGradientTaps` on the LoRA linears and
+  :func:`~marble_pl.gramian.affine_reward_grads` on the per-pair split ``l = r a + b``; every step
+  also runs the K backwards and records ``max |M_gramian - M_parameters| / max diag
+  M_parameters``) and ``output`` (the closed-form output-space Gram, ``nft_output_stats`` +
+  ``output_gram``: a different Gram, not the parameters'). Rows in ``gramian`` space run for the
+  balancers of ``--gramian-balancers`` only (default ``marble``; ``all`` for every one): their
+  Gram equals the parameters Gram, so their trajectories are the parameters rows' (the report
+  checks both).
+* **Coefficient EMA** (``--ema``), the library's ``CoefficientEMA`` callback (decay
+  ``--coef-decay``, bias-corrected) with its guard, which acts when ``lambda_bar`` would push a
+  reward backwards on the balance's own Gram (``min_k (M lambda_bar)_k < 0``,
+  :func:`~marble_pl.balance.conflicts`): ``reset`` applies this batch's raw weights,
+  ``project`` the Euclidean projection of ``lambda_bar`` onto ``{lambda in simplex : M lambda >=
+  0}`` (:func:`~marble_pl.balance.project_to_safe_set`), ``off`` ``lambda_bar`` regardless (not in
+  the default grid); ``none`` is no EMA at all (the raw weights every step). The torchjd
+  weightings get the same EMA as MARBLE.
 
-Recorded per step: each reward's rollout mean, the cosine of every ``g_k`` with the applied update
-(``g_k`` computed with the per-reward ``r`` on the same batch in every method) and the worst one.
-Reported over ``--seeds``: the fraction of batches whose worst cosine is negative, and each
-reward's final change (mean over the last 10 % of steps minus the base model's mean on a large
-evaluation sample), mean and standard deviation over seeds. Nothing is asserted or hard-coded:
-the tables are whatever the run measures.
+Every row starts from the same base, the same LoRA initialisation and the same rollout noise
+stream, with the same number of steps. Recorded per step: each reward's rollout mean, the cosine
+of every exact per-reward gradient ``g_k`` (the parameter-space one, from the per-reward ``r`` on
+the same batch in every row; in ``gramian`` space the taps' own exact ``g_k``) with the applied
+update and the worst one, whether the guard fired, the weights, the balancer's fallbacks and, in
+``gramian`` space, the Gram difference. Reported over ``--seeds``, one markdown table per K: the
+fraction of batches whose worst cosine is negative (below ``-NEG_COS_TOL``: round-off of a zero
+inner product is not a conflict), the same over batches where every reward has signal (some
+non-zero advantage), the median worst cosine, the fraction of steps the guard fired, how much
+the applied weights move per step (L1; what the EMA is there to damp), each reward's change (mean rollout reward over the last 10 % of steps minus the base model's mean on a
+large evaluation sample; mean ± std over seeds) and the seeds in which every reward went up. One
+PNG per K shows the gains by row. Nothing is asserted or hard-coded: the tables are whatever the
+run measures.
 
 Usage::
 
-    python benchmarks/toy_study.py                       # 3 seeds, ~40 s on 2 cores
-    python benchmarks/toy_study.py --smoke --out /tmp/t  # seconds
+    python benchmarks/toy_study.py                       # the default grid, K = 3 and 5, 3 seeds
+    python benchmarks/toy_study.py --smoke --out /tmp/t  # seconds per K
+    python benchmarks/toy_study.py --balancers weighted_sum marble --k 3   # a slice of the grid
+
+``--jobs`` forks worker processes (default: one per usable core); every run seeds its own
+generators, so the tables do not depend on it. The default grid is 46 rows per K (1 + 7 Gram
+balancers x 2 spaces x 3 EMA modes + MARBLE's 3 gramian rows), 300 steps each, per seed.
 """
 
 from __future__ import annotations
@@ -64,44 +94,91 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from marble_pl.callbacks.coefficient_ema import CoefficientEMA
 from torch import Tensor, nn
 
 from marble_pl.advantages import group_advantages, optimality
-from marble_pl.balance import EMA, MinNormSolver, conflicts, gram
+from marble_pl.balance import gram
+from marble_pl.balancers import Balancer, resolve_balancer
+from marble_pl.errors import ConfigError
 from marble_pl.gradients import assign_flat_grad, cosines, parameter_grads, update_direction
-from marble_pl.nft import nft_loss, nft_output_stats, output_gram
+from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, affine_split
+from marble_pl.nft import nft_errors, nft_loss, nft_output_stats, output_gram
 from marble_pl.timesteps import draw_timesteps
 
 __all__ = [
+    "BALANCERS",
+    "SPACES",
+    "EMA_MODES",
+    "NEG_COS_TOL",
     "ToyConfig",
     "ToyTask",
+    "Variant",
     "LoRALinear",
     "VelocityField",
+    "default_scales",
+    "variants",
+    "make_balancer",
     "make_task",
     "pretrain",
     "sample",
-    "run_method",
+    "training_times",
+    "run_variant",
     "summarize",
+    "format_results",
     "main",
 ]
 
-METHODS = (
-    "weighted_sum",
-    "marble",
-    "marble_guarded",
-    "marble_no_ema",
-    "marble_lagged",
-    "marble_output",
-)
+#: Balancer name -> the ``model.balancer`` spec :func:`resolve_balancer` builds it from.
+BALANCERS: dict[str, dict[str, Any]] = {
+    "weighted_sum": {"class_path": "WeightedSum"},
+    "marble": {"class_path": "MinNormBalancer"},
+    **{
+        name: {"class_path": "GramianWeighting", "init_args": {"weighting": name}}
+        for name in ("UPGrad", "MGDA", "DualProj", "PCGrad", "IMTL-G", "Aligned-MTL")
+    },
+}
+SPACES = ("parameters", "gramian", "output")
+EMA_MODES = ("none", "off", "reset", "project")
+DEFAULT_EMA = ("none", "reset", "project")
+#: Reward scales for K rewards: the first K of these, repeated beyond 5.
+SCALE_CYCLE = (1.0, 0.3, 0.1, 0.5, 0.2)
+#: A worst cosine counts as negative below this: a zero inner product's round-off is not a
+#: conflict (the guard's own tolerance, ``conflicts(rtol=1e-9)``, is relative to the Gram).
+NEG_COS_TOL = 1e-6
+
+
+def default_scales(k: int) -> list[float]:
+    """The default reward scales for ``k`` rewards (:data:`SCALE_CYCLE`)."""
+    return [SCALE_CYCLE[i % len(SCALE_CYCLE)] for i in range(k)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the grid; ``space`` and ``ema`` are None for a mixing balancer."""
+
+    balancer: str
+    space: str | None = None
+    ema: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``balancer/space/ema`` (``weighted_sum`` alone)."""
+        if self.space is None:
+            return self.balancer
+        return f"{self.balancer}/{self.space}/{self.ema}"
 
 
 @dataclass
@@ -109,14 +186,18 @@ class ToyConfig:
     """Every knob of the study (the CLI fills it; defaults are the reported setting)."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ks: list[int] = field(default_factory=lambda: [3, 5])
+    balancers: list[str] = field(default_factory=lambda: list(BALANCERS))
+    spaces: list[str] = field(default_factory=lambda: list(SPACES))
+    ema: list[str] = field(default_factory=lambda: list(DEFAULT_EMA))
+    gramian_balancers: list[str] = field(default_factory=lambda: ["marble"])
     steps: int = 300
     prompts: int = 4
     group_size: int = 16
     sampler_steps: int = 8
     timesteps: int = 4
     timestep_sampling: str = "uniform"
-    reward_scales: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1])
+    reward_scales: list[float] = field(default_factory=lambda: default_scales(3))
     reward_radius: float = 1.0
     mode_std: float = 0.3
     radius: float = 2.0
@@ -135,11 +216,55 @@ class ToyConfig:
     clip_norm: float = 1.0
     eval_samples: int = 2048
     threads: int = 1
+    jobs: int = 1
+    """Worker processes; the CLI's default is one per usable CPU core."""
 
     @property
     def k(self) -> int:
-        """Number of rewards."""
+        """Number of rewards of this configuration."""
         return len(self.reward_scales)
+
+    def for_k(self, k: int) -> ToyConfig:
+        """This configuration with ``k`` rewards (the default scales unless they already fit)."""
+        if k == self.k:
+            return replace(self, ks=[k])
+        return replace(self, ks=[k], reward_scales=default_scales(k))
+
+
+def variants(cfg: ToyConfig) -> list[Variant]:
+    """The grid's rows: mixing balancers once, Gram balancers x spaces x EMA modes."""
+    rows: list[Variant] = []
+    for name in cfg.balancers:
+        if BALANCERS[name]["class_path"] == "WeightedSum":
+            rows.append(Variant(name))
+            continue
+        for space in cfg.spaces:
+            everywhere = "all" in cfg.gramian_balancers or name in cfg.gramian_balancers
+            if space == "gramian" and not everywhere:
+                continue
+            rows.extend(Variant(name, space, mode) for mode in cfg.ema)
+    return rows
+
+
+def make_balancer(name: str, k: int) -> Balancer:
+    """The library balancer of row ``name``, bound to ``k`` rewards."""
+    balancer = resolve_balancer(copy.deepcopy(BALANCERS[name]))
+    balancer.bind([f"reward{i}" for i in range(k)])
+    return balancer
+
+
+def available_balancers(names: Sequence[str], k: int) -> list[str]:
+    """The balancers of ``names`` that build here; a message on stderr for each that does not
+    (torchjd's weightings need the ``balancers`` extra)."""
+    ok = []
+    for name in names:
+        try:
+            make_balancer(name, k)
+        except ConfigError as err:
+            print(f"skipping balancer {name}: {err}", file=sys.stderr)
+            continue
+        ok.append(name)
+    return ok
 
 
 @dataclass
@@ -190,30 +315,43 @@ def make_task(cfg: ToyConfig) -> ToyTask:
 
 
 class LoRALinear(nn.Module):
-    """``y = W x + b + (alpha / rank) B A x`` with a frozen base and a trainable low-rank part."""
+    """``y = W x + b + (alpha / rank) B A x`` with a frozen base and a trainable low-rank part.
+
+    ``A`` and ``B`` are bias-free ``nn.Linear`` submodules (``lora_a``: in -> rank, ``lora_b``:
+    rank -> out), as peft's LoRA layers, so that :class:`~marble_pl.gramian.LinearGradientTaps`
+    can tap their per-sample weight gradients. Until :meth:`attach_lora` the adapter is off.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int) -> None:
         super().__init__()
         self.base = nn.Linear(in_features, out_features)
         self.rank = rank
-        self.lora_a = nn.Parameter(torch.zeros(rank, in_features), requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank), requires_grad=False)
+        self.lora_a = nn.Linear(in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, out_features, bias=False)
+        self.lora_a.requires_grad_(False)
+        self.lora_b.requires_grad_(False)
+        with torch.no_grad():
+            self.lora_a.weight.zero_()
+            self.lora_b.weight.zero_()
         self.scaling = 1.0
+        self.active = False
 
     def attach_lora(self, gen: torch.Generator) -> None:
         """Freeze the base; ``A ~ N(0, 1 / in)``, ``B = 0`` (so the output is unchanged)."""
         self.base.requires_grad_(False)
+        a = self.lora_a.weight
         with torch.no_grad():
-            self.lora_a.copy_(
-                torch.randn(self.lora_a.shape, generator=gen) / math.sqrt(self.lora_a.shape[1])
-            )
-            self.lora_b.zero_()
+            a.copy_(torch.randn(a.shape, generator=gen) / math.sqrt(a.shape[1]))
+            self.lora_b.weight.zero_()
         self.lora_a.requires_grad_(True)
         self.lora_b.requires_grad_(True)
+        self.active = True
 
     def forward(self, x: Tensor) -> Tensor:
-        """Base output plus the low-rank residual."""
-        return self.base(x) + self.scaling * ((x @ self.lora_a.t()) @ self.lora_b.t())
+        """Base output plus the low-rank residual (once attached)."""
+        if not self.active:
+            return self.base(x)
+        return self.base(x) + self.scaling * self.lora_b(self.lora_a(x))
 
 
 class VelocityField(nn.Module):
@@ -241,6 +379,22 @@ class VelocityField(nn.Module):
             h = nn.functional.silu(layer(h))
         return self.layers[-1](h)
 
+    @torch.no_grad()
+    def frozen_forward(self, x: Tensor, t: Tensor, prompt: Tensor) -> Tensor:
+        """:meth:`forward` without autograd, each layer's ``W + B A`` merged first (sampling and
+        ``v_old``: the same function, a third of the module calls)."""
+        tf = t.reshape(-1, 1) * self.freqs
+        h = torch.cat([x, tf.sin(), tf.cos(), t.reshape(-1, 1), self.embed(prompt)], dim=1)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            w = layer.base.weight
+            if layer.active:
+                w = w + layer.scaling * (layer.lora_b.weight @ layer.lora_a.weight)
+            h = nn.functional.linear(h, w, layer.base.bias)
+            if i < last:
+                h = nn.functional.silu(h)
+        return h
+
     def attach_lora(self, gen: torch.Generator) -> list[nn.Parameter]:
         """Freeze everything, add the LoRA adapters, return the trainable parameters."""
         self.requires_grad_(False)
@@ -249,13 +403,14 @@ class VelocityField(nn.Module):
         return self.lora_params()
 
     def lora_params(self) -> list[nn.Parameter]:
-        """The LoRA ``A`` and ``B`` of every layer, in a fixed order."""
-        return [p for layer in self.layers for p in (layer.lora_a, layer.lora_b)]
+        """The LoRA ``A`` and ``B`` weights of every layer, in a fixed order."""
+        return [p for layer in self.layers for p in (layer.lora_a.weight, layer.lora_b.weight)]
 
 
 def pretrain(model: VelocityField, task: ToyTask, cfg: ToyConfig, gen: torch.Generator) -> float:
     """Plain flow matching on the prompts' mixtures; returns the final loss (last 100 steps)."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=cfg.pretrain_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.pretrain_steps)
     recent: list[float] = []
     for _ in range(cfg.pretrain_steps):
@@ -280,7 +435,7 @@ def sample(model: VelocityField, prompt: Tensor, noise: Tensor, steps: int) -> T
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
         t = ts[i].expand(x.shape[0])
-        x = x - (ts[i] - ts[i + 1]) * model(x, t, prompt)
+        x = x - (ts[i] - ts[i + 1]) * model.frozen_forward(x, t, prompt)
     return x
 
 
@@ -302,55 +457,54 @@ def _ema_(old: Sequence[Tensor], new: Sequence[Tensor], decay: float) -> None:
         o.mul_(decay).add_(n.detach(), alpha=1.0 - decay)
 
 
-def _nft_kwargs(t: Tensor, cfg: ToyConfig) -> dict[str, Any]:
-    return {"t": t, "adaptive_weight": True, "scale": cfg.a_max / cfg.beta}
+def _relative_gram_gap(m: Tensor, ref: Tensor) -> float:
+    """``max |M - M_ref| / max diag M_ref`` (0 for an all-zero reference)."""
+    scale = float(torch.diagonal(ref).max())
+    return float((m - ref).abs().max()) / scale if scale > 0 else 0.0
 
 
-def run_method(
-    method: str,
-    base: VelocityField,
-    task: ToyTask,
-    cfg: ToyConfig,
-    seed: int,
+def run_variant(
+    variant: Variant, base: VelocityField, task: ToyTask, cfg: ToyConfig, seed: int
 ) -> dict[str, Any]:
-    """Fine-tune a LoRA on ``base`` with ``method`` for ``cfg.steps`` steps; per-step records.
+    """Fine-tune a LoRA on ``base`` as ``variant`` says for ``cfg.steps`` steps; per-step records.
 
-    ``method`` is ``weighted_sum``, ``marble`` (coefficient EMA with ``cfg.coef_decay``),
-    ``marble_guarded`` (that EMA, ``lambda*`` on steps where it would conflict) or
-    ``marble_no_ema`` (the raw QP coefficients each step, the ablation of the EMA). Returns lists
-    (one entry per step) of the rollout reward means ``[K]``, the cosines ``[K]`` of every
-    per-reward gradient with the applied update, the cosines with the *other* direction on the same
-    batch (the weighted-sum gradient for the MARBLE methods, the raw min-norm direction for
-    ``weighted_sum``), the cosines with the raw min-norm direction, the applied and raw
-    coefficients, ``|d_min_norm| / mean |g_k|``, which rewards had any signal (a non-zero
-    advantage) in the batch, the QP fallbacks, and the final policy's evaluation rewards.
+    Returns lists (one entry per step) of the rollout reward means ``[K]``, the exact cosines
+    ``[K]`` of every per-reward gradient with the applied update, which rewards had any signal (a
+    non-zero advantage), whether the EMA guard fired, the applied and raw weights, the balancer's
+    fallbacks, in ``gramian`` space the relative Gram gap to the parameters Gram, and the final
+    sampling policy's evaluation rewards.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     k = cfg.k
+    balancer = make_balancer(variant.balancer, k)
+    mix = balancer.mix()
+    if mix is None and variant.space not in SPACES:
+        raise ValueError(f"{variant.balancer} balances a Gram: give a space of {SPACES}")
+    if variant.ema is not None and variant.ema not in EMA_MODES:
+        raise ValueError(f"ema must be one of {EMA_MODES}, got {variant.ema!r}")
     policy = copy.deepcopy(base)
     params = policy.attach_lora(torch.Generator().manual_seed(10_000 + seed))
     old = copy.deepcopy(policy)
     old.requires_grad_(False)
     old_params = old.lora_params()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    solver = MinNormSolver()
-    coef_ema = EMA(0.0 if method == "marble_no_ema" else cfg.coef_decay, bias_correction=True)
-    w_sum = torch.full((k,), 1.0 / k)
+    use_ema = mix is None and variant.ema not in (None, "none")
+    ema = CoefficientEMA(decay=cfg.coef_decay, guard=variant.ema) if use_ema else None
+    taps = LinearGradientTaps(policy, params) if variant.space == "gramian" else None
+    torch.manual_seed(40_000 + seed)  # PCGrad's projection order: torch's global generator
     gen = torch.Generator().manual_seed(20_000 + seed)
     prompt = torch.arange(cfg.prompts).repeat_interleave(cfg.group_size)
     groups = prompt.clone()
     rec: dict[str, list[Any]] = {
         "reward_mean": [],
         "cos": [],
-        "cos_other": [],
+        "signal": [],
+        "guarded": [],
         "weights": [],
         "weights_raw": [],
-        "cos_raw": [],
-        "min_norm_ratio": [],
-        "signal": [],
-        "qp_fallback": [],
+        "fallback": [],
+        "gram_gap": [],
     }
+    kw: dict[str, Any] = {"adaptive_weight": True, "scale": cfg.a_max / cfg.beta}
     for _ in range(cfg.steps):
         noise = torch.randn(prompt.shape[0], 2, generator=gen)
         x0 = sample(old, prompt, noise, cfg.sampler_steps)
@@ -358,69 +512,75 @@ def run_method(
         rec["reward_mean"].append(rewards.mean(0).tolist())
         adv = group_advantages(rewards, groups, std=cfg.advantage_std)
         rec["signal"].append((adv != 0).any(dim=0).tolist())
-        r = optimality(adv, cfg.a_max)  # [N, K]
-        adv_ws = group_advantages(rewards @ w_sum, groups, std=cfg.advantage_std)
-        r_ws = optimality(adv_ws, cfg.a_max)  # [N]
-
         m = cfg.timesteps
+        r = optimality(adv, cfg.a_max).repeat(m, 1)  # [M N, K]
+
         xr = x0.repeat(m, 1)
         pr = prompt.repeat(m)
         t = training_times(cfg, prompt.shape[0], gen)
         eps = torch.randn(xr.shape, generator=gen)
         xt = (1 - t[:, None]) * xr + t[:, None] * eps
         v_target = eps - xr
-        v_theta = policy(xt, t, pr)
-        with torch.no_grad():
-            v_old = old(xt, t, pr)
-        kw = _nft_kwargs(t, cfg)
-        loss_ws = nft_loss(v_theta, v_old, v_target, r_ws.repeat(m), cfg.beta, **kw).mean()
-        g_ws = torch.cat(
-            [g.reshape(-1) for g in torch.autograd.grad(loss_ws, params, retain_graph=True)]
-        )
-        losses = nft_loss(v_theta, v_old, v_target, r.repeat(m, 1), cfg.beta, **kw).mean(0)
-        grads = parameter_grads(losses, params)  # [K, P]
-
-        m_k = gram(grads)
-        m_bal = m_k  # the Gram the balance (and the guard) sees
-        if method == "marble_output":  # the amortized Gram: closed form in the model's output
-            stats = nft_output_stats(v_theta, v_old, v_target, cfg.beta, **kw)
-            m_bal = output_gram(stats, r.repeat(m, 1)).to(m_k.dtype)
-        res = solver(m_bal)
-        lam_raw = torch.from_numpy(res.weights)
-        d_min_norm = update_direction(grads, lam_raw)
-        if method == "marble_lagged" and coef_ema.value is not None:
-            # MarbleModule(lagged_balance=True): earlier batches' lambda_bar, this batch after.
-            smoothed = coef_ema.value.copy()
-            coef_ema.update(res.weights)
-            lam = torch.from_numpy(smoothed)
-            applied = update_direction(grads, lam)
-            other = g_ws
-            rec["weights"].append(lam.tolist())
-        elif method != "weighted_sum":
-            smoothed = coef_ema.update(res.weights)
-            guarded = method in ("marble_guarded", "marble_output")
-            if guarded and conflicts(m_bal, smoothed):
-                smoothed = res.weights  # CoefficientEMA(guard=True): lambda* on this step
-            lam = torch.from_numpy(smoothed)
-            applied = update_direction(grads, lam)
-            other = g_ws
-            rec["weights"].append(lam.tolist())
+        if taps is not None:
+            with taps:
+                v_theta = policy(xt, t, pr)
         else:
-            applied = g_ws
-            other = d_min_norm
-            rec["weights"].append(w_sum.tolist())
-        rec["qp_fallback"].append(bool(res.fallback))
-        rec["weights_raw"].append(res.weights.tolist())
-        rec["cos_raw"].append(cosines(grads, d_min_norm).tolist())
-        rec["min_norm_ratio"].append(float(d_min_norm.norm() / grads.norm(dim=1).mean()))
+            v_theta = policy(xt, t, pr)
+        v_old = old.frozen_forward(xt, t, pr)
+
+        applied: Tensor | None = None
+        if mix is not None:  # one estimator on R @ w: the mixed loss's gradient
+            adv_mix = group_advantages(
+                rewards @ torch.from_numpy(mix).float(), groups, std=cfg.advantage_std
+            )
+            r_mix = optimality(adv_mix, cfg.a_max).repeat(m)
+            loss_mix = nft_loss(v_theta, v_old, v_target, r_mix, cfg.beta, t=t, **kw).mean()
+            applied = torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(loss_mix, params, retain_graph=True)]
+            )
+        losses = nft_loss(v_theta, v_old, v_target, r, cfg.beta, t=t, **kw).mean(0)
+        grads = parameter_grads(losses, params, retain_graph=taps is not None)  # [K, P]
+        gram_gap = float("nan")
+        if taps is not None:  # the same vectors from two backwards: l = r a + b per pair
+            e_pos, e_neg = nft_errors(v_theta, v_old, v_target, cfg.beta, t=t, adaptive_weight=True)
+            a, b = affine_split(e_pos, e_neg, kw["scale"])
+            n = float(a.shape[0])
+            reference = grads
+            grads, _ = affine_reward_grads(taps, a / n, b / n, r)
+            gram_gap = _relative_gram_gap(gram(grads), gram(reference))
+        rec["gram_gap"].append(gram_gap)
+
+        guarded = False
+        if mix is None:
+            if variant.space == "output":
+                stats = nft_output_stats(v_theta, v_old, v_target, cfg.beta, t=t, **kw)
+                m_bal = output_gram(stats, r)
+            else:
+                m_bal = gram(grads)
+            m_np = m_bal.double().numpy()
+            res = balancer(m_np, losses.detach().double().numpy())
+            lam = res.weights
+            if ema is not None:
+                before = ema.guarded
+                lam = ema.update(res.weights, m_np)
+                guarded = ema.guarded > before
+            applied = update_direction(grads, torch.from_numpy(np.asarray(lam)))
+            rec["weights"].append(np.asarray(lam).tolist())
+            rec["weights_raw"].append(res.weights.tolist())
+            rec["fallback"].append(bool(res.fallback))
+        else:
+            rec["weights"].append(mix.tolist())
+            rec["weights_raw"].append(mix.tolist())
+            rec["fallback"].append(False)
+        assert applied is not None
+        rec["guarded"].append(guarded)
         rec["cos"].append(cosines(grads, applied).tolist())
-        rec["cos_other"].append(cosines(grads, other).tolist())
 
         norm = float(applied.norm())
         if cfg.clip_norm > 0 and norm > cfg.clip_norm:
             applied = applied * (cfg.clip_norm / norm)
         opt.zero_grad(set_to_none=True)
-        assign_flat_grad(params, applied)
+        assign_flat_grad(params, applied.float())
         opt.step()
         _ema_(old_params, params, cfg.old_decay)
     rec["final_eval"] = _evaluate(old, task, cfg, seed).tolist()
@@ -436,193 +596,296 @@ def _evaluate(model: VelocityField, task: ToyTask, cfg: ToyConfig, seed: int) ->
     return task.rewards(sample(model, prompt, noise, cfg.sampler_steps)).mean(0)
 
 
-def run_seed(cfg: ToyConfig, task: ToyTask, seed: int) -> dict[str, Any]:
-    """Pre-train one base model for ``seed`` and fine-tune it with every method of ``cfg``."""
+# --- running the grid (in this process, or in a pool of forked workers) ---------------------
+
+
+def _pretrain_job(cfg: ToyConfig, seed: int) -> dict[str, Any]:
+    """Pre-train the base model of ``seed``; its state and the base's evaluation rewards."""
+    torch.set_num_threads(max(1, cfg.threads))
+    task = make_task(cfg)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     base = VelocityField(cfg.prompts, cfg.hidden, cfg.lora_rank)
-    fm_loss = pretrain(base, task, cfg, gen)
+    fm_loss = pretrain(base, task, cfg, torch.Generator().manual_seed(seed))
     initial = _evaluate(base, task, cfg, seed)
-    out: dict[str, Any] = {"seed": seed, "pretrain_loss": fm_loss, "initial": initial.tolist()}
-    for method in cfg.methods:
-        out[method] = run_method(method, base, task, cfg, seed)
-    return out
+    return {"state": base.state_dict(), "pretrain_loss": fm_loss, "initial": initial.tolist()}
 
 
-def _seed_summary(run: dict[str, Any], method: str, tail: int) -> dict[str, Any]:
-    rec = run[method]
+def _variant_job(
+    cfg: ToyConfig, seed: int, state: dict[str, Tensor], variant: Variant
+) -> dict[str, Any]:
+    torch.set_num_threads(max(1, cfg.threads))
+    base = VelocityField(cfg.prompts, cfg.hidden, cfg.lora_rank)
+    base.load_state_dict(state)
+    return run_variant(variant, base, make_task(cfg), cfg, seed)
+
+
+def _map(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int) -> list[Any]:
+    """``[fn(*c) for c in calls]``, in ``jobs`` forked processes when ``jobs > 1``; the results
+    do not depend on ``jobs`` (every run seeds its own generators)."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(*c) for c in calls]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(fn, *c) for c in calls]
+        return [f.result() for f in futures]
+
+
+def run_grid(cfg: ToyConfig, rows: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Every row of ``rows`` on every seed of ``cfg`` (one K): ``[{seed, initial, <key>: rec}]``."""
+    bases = _map(_pretrain_job, [(cfg, s) for s in cfg.seeds], cfg.jobs)
+    calls = [(cfg, s, b["state"], v) for s, b in zip(cfg.seeds, bases, strict=True) for v in rows]
+    recs = iter(_map(_variant_job, calls, cfg.jobs))
+    runs = []
+    for seed, b in zip(cfg.seeds, bases, strict=True):
+        run: dict[str, Any] = {
+            "seed": seed,
+            "pretrain_loss": b["pretrain_loss"],
+            "initial": b["initial"],
+        }
+        for v in rows:
+            run[v.key] = next(recs)
+        runs.append(run)
+    return runs
+
+
+# --- summaries and reports --------------------------------------------------------------------
+
+
+def _seed_summary(run: dict[str, Any], key: str, tail: int) -> dict[str, Any]:
+    rec = run[key]
     means = np.asarray(rec["reward_mean"])
-    cos = np.asarray(rec["cos"])
-    worst = cos.min(axis=1)
+    worst = np.asarray(rec["cos"]).min(axis=1)
+    negative = worst < -NEG_COS_TOL
     signal = np.asarray(rec["signal"]).all(axis=1)
     final = means[-tail:].mean(axis=0)
+    gaps = np.asarray(rec["gram_gap"], dtype=np.float64)
+    weights = np.asarray(rec["weights"], dtype=np.float64)
+    jitter = np.abs(np.diff(weights, axis=0)).sum(axis=1) if len(weights) > 1 else np.zeros(1)
     return {
-        "frac_neg_worst_cos": float((worst < 0).mean()),
+        "frac_neg_worst_cos": float(negative.mean()),
         "signal_batches": int(signal.sum()),
-        "frac_neg_worst_cos_signal": float((worst[signal] < 0).mean()) if signal.any() else 0.0,
-        "lambda_raw_std": float(np.asarray(rec["weights_raw"]).std(axis=0).mean()),
-        "median_min_norm_ratio": float(np.median(rec["min_norm_ratio"])),
+        "frac_neg_worst_cos_signal": float(negative[signal].mean()) if signal.any() else 0.0,
         "median_worst_cos": float(np.median(worst)),
-        "frac_neg_worst_cos_other": float((np.asarray(rec["cos_other"]).min(axis=1) < 0).mean()),
+        "min_worst_cos": float(worst.min()),
+        "frac_guarded": float(np.mean(rec["guarded"])),
+        "weight_jitter": float(jitter.mean()),
         "delta": (final - np.asarray(run["initial"])).tolist(),
         "delta_eval": (np.asarray(rec["final_eval"]) - np.asarray(run["initial"])).tolist(),
-        "qp_fallbacks": int(np.sum(rec["qp_fallback"])),
+        "fallbacks": int(np.sum(rec["fallback"])),
+        "max_gram_gap": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else None,
     }
 
 
-def summarize(runs: Sequence[dict[str, Any]], cfg: ToyConfig) -> dict[str, Any]:
-    """Per-seed and across-seed (mean, standard deviation) summaries of every method."""
+SCALARS = (
+    "frac_neg_worst_cos",
+    "frac_neg_worst_cos_signal",
+    "signal_batches",
+    "median_worst_cos",
+    "frac_guarded",
+    "weight_jitter",
+)
+
+
+def summarize(runs: Sequence[dict[str, Any]], cfg: ToyConfig, rows: Sequence[Variant]) -> dict:
+    """Per-seed and across-seed (mean, standard deviation) summaries of every row, one K."""
     tail = max(1, int(round(0.1 * cfg.steps)))
-    summary: dict[str, Any] = {"tail_steps": tail, "methods": {}}
-    for method in cfg.methods:
-        per_seed = [_seed_summary(run, method, tail) for run in runs]
-        agg: dict[str, Any] = {"per_seed": per_seed}
-        scalars = (
-            "frac_neg_worst_cos",
-            "frac_neg_worst_cos_signal",
-            "signal_batches",
-            "median_worst_cos",
-            "frac_neg_worst_cos_other",
-            "lambda_raw_std",
-            "median_min_norm_ratio",
-        )
-        for key in scalars:
-            vals = np.asarray([s[key] for s in per_seed])
+    summary: dict[str, Any] = {"k": cfg.k, "tail_steps": tail, "rows": {}}
+    for v in rows:
+        per_seed = [_seed_summary(run, v.key, tail) for run in runs]
+        agg: dict[str, Any] = {
+            "balancer": v.balancer,
+            "space": v.space,
+            "ema": v.ema,
+            "per_seed": per_seed,
+        }
+        for key in SCALARS:
+            vals = np.asarray([s[key] for s in per_seed], dtype=np.float64)
             agg[key] = {"mean": float(vals.mean()), "std": float(vals.std())}
         for key in ("delta", "delta_eval"):
             vals = np.asarray([s[key] for s in per_seed])  # [S, K]
             agg[key] = {"mean": vals.mean(0).tolist(), "std": vals.std(0).tolist()}
         deltas = np.asarray([s["delta"] for s in per_seed])
         agg["seeds_all_rewards_up"] = int((deltas > 0).all(axis=1).sum())
-        agg["qp_fallbacks"] = int(sum(s["qp_fallbacks"] for s in per_seed))
-        summary["methods"][method] = agg
+        agg["fallbacks"] = int(sum(s["fallbacks"] for s in per_seed))
+        agg["min_worst_cos"] = float(min(s["min_worst_cos"] for s in per_seed))
+        gaps = [s["max_gram_gap"] for s in per_seed if s["max_gram_gap"] is not None]
+        agg["max_gram_gap"] = max(gaps) if gaps else None
+        summary["rows"][v.key] = agg
+    summary["gramian_check"] = _gramian_check(summary, rows)
     return summary
 
 
-def _pm(mean: float, std: float, fmt: str = "+.4f") -> str:
-    return f"{mean:{fmt}} ± {std:.4f}"
+def _gramian_check(summary: dict[str, Any], rows: Sequence[Variant]) -> dict[str, Any] | None:
+    """Largest Gram gap over the ``gramian`` rows, and how far their results are from the
+    matching ``parameters`` rows' (largest |difference| of Δ and of the conflict fractions)."""
+    gram_rows = [v for v in rows if v.space == "gramian"]
+    if not gram_rows:
+        return None
+    by_key = summary["rows"]
+    gaps = [by_key[v.key]["max_gram_gap"] for v in gram_rows]
+    d_delta, d_frac, pairs = 0.0, 0.0, []
+    for v in gram_rows:
+        twin = replace(v, space="parameters").key
+        if twin not in by_key:
+            continue
+        pairs.append(v.key)
+        for a, b in zip(by_key[v.key]["per_seed"], by_key[twin]["per_seed"], strict=True):
+            d_delta = max(d_delta, float(np.max(np.abs(np.subtract(a["delta"], b["delta"])))))
+            d_frac = max(d_frac, abs(a["frac_neg_worst_cos"] - b["frac_neg_worst_cos"]))
+    return {
+        "max_gram_gap": max(gaps),
+        "rows": [v.key for v in gram_rows],
+        "compared_with_parameters": pairs,
+        "max_abs_delta_difference": d_delta if pairs else None,
+        "max_frac_neg_difference": d_frac if pairs else None,
+    }
+
+
+def _pm(mean: float, std: float, fmt: str = "+.4f", std_fmt: str = ".4f") -> str:
+    return f"{mean:{fmt}} ± {std:{std_fmt}}"
 
 
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def format_results(summary: dict[str, Any], cfg: ToyConfig) -> str:
-    """Markdown: one row per method; reward changes are in each reward's own units."""
+def format_table(summary: dict[str, Any], cfg: ToyConfig) -> str:
+    """Markdown table of one K: one row per (balancer, space, EMA)."""
     k = cfg.k
     n = len(cfg.seeds)
     head = [
-        "method",
-        "worst cos < 0, all batches",
-        "worst cos < 0, batches where every reward has signal [batches]",
+        "balancer",
+        "space",
+        "EMA",
+        "worst cos < 0",
+        "worst cos < 0, signal batches",
         "median worst cos",
+        "guard fired",
+        "λ change per step (L1)",
         *[f"Δ reward {i} (scale {cfg.reward_scales[i]:g})" for i in range(k)],
         f"seeds with every Δ > 0 (of {n})",
     ]
     lines = [_row(head), "|" + "---|" * len(head)]
-    for method in cfg.methods:
-        a = summary["methods"][method]
+    for agg in summary["rows"].values():
+        mixing = agg["space"] is None
+        guard = agg["frac_guarded"]
+        guard_cell = (
+            "—"
+            if mixing or agg["ema"] in ("none", "off")
+            else _pm(guard["mean"], guard["std"], ".3f", ".3f")
+        )
+        sig = agg["frac_neg_worst_cos_signal"]
         cells = [
-            method,
-            _pm(a["frac_neg_worst_cos"]["mean"], a["frac_neg_worst_cos"]["std"], ".3f"),
-            _pm(
-                a["frac_neg_worst_cos_signal"]["mean"], a["frac_neg_worst_cos_signal"]["std"], ".3f"
-            )
-            + f" [{a['signal_batches']['mean']:.0f}]",
-            _pm(a["median_worst_cos"]["mean"], a["median_worst_cos"]["std"], "+.3f"),
-            *[_pm(a["delta"]["mean"][i], a["delta"]["std"][i]) for i in range(k)],
-            str(a["seeds_all_rewards_up"]),
+            agg["balancer"],
+            "—" if mixing else agg["space"],
+            "—" if mixing else agg["ema"],
+            _pm(agg["frac_neg_worst_cos"]["mean"], agg["frac_neg_worst_cos"]["std"], ".3f", ".3f"),
+            _pm(sig["mean"], sig["std"], ".3f", ".3f") + f" [{agg['signal_batches']['mean']:.0f}]",
+            _pm(agg["median_worst_cos"]["mean"], agg["median_worst_cos"]["std"], "+.3f", ".3f"),
+            guard_cell,
+            f"{agg['weight_jitter']['mean']:.3f}",
+            *[_pm(agg["delta"]["mean"][i], agg["delta"]["std"][i]) for i in range(k)],
+            str(agg["seeds_all_rewards_up"]),
         ]
         lines.append(_row(cells))
+    return "\n".join(lines)
 
-    head2 = [
-        "method",
-        *[f"Δ reward {i}, final policy, eval noise" for i in range(k)],
-        "worst cos < 0 vs the other direction",
-        "std of raw λ*",
-        "median norm(d_min_norm) / mean norm(g_k)",
-        "QP fallbacks",
-    ]
-    lines2 = [_row(head2), "|" + "---|" * len(head2)]
-    for method in cfg.methods:
-        a = summary["methods"][method]
-        cells = [
-            method,
-            *[_pm(a["delta_eval"]["mean"][i], a["delta_eval"]["std"][i]) for i in range(k)],
-            _pm(a["frac_neg_worst_cos_other"]["mean"], a["frac_neg_worst_cos_other"]["std"], ".3f"),
-            f"{a['lambda_raw_std']['mean']:.3f}",
-            f"{a['median_min_norm_ratio']['mean']:.3f}",
-            str(a["qp_fallbacks"]),
-        ]
-        lines2.append(_row(cells))
-    return (
-        f"Toy study: K = {k} rewards (scales {cfg.reward_scales}), {cfg.prompts} prompts x "
-        f"{cfg.group_size} rollouts, {cfg.steps} steps, seeds {cfg.seeds}, advantage std "
-        f"{cfg.advantage_std!r}, {cfg.timesteps} training t per rollout "
-        f"({cfg.timestep_sampling}); mean ± std over seeds. "
-        f"Worst cos = min over rewards of cos(g_k, applied update), g_k from the per-reward "
-        f"advantages on the same batch; a reward has signal in a batch when some rollout has a "
-        f"non-zero advantage for it. Δ = mean rollout reward over the last {summary['tail_steps']} "
-        f"steps minus the base model's mean on {cfg.eval_samples} evaluation samples.\n\n"
-        + "\n".join(lines)
-        + "\n\nDiagnostics. Δ on the final sampling policy with the fixed evaluation noise; the "
-        "worst cosine against the other direction on this method's batches (the weighted-sum "
-        "gradient for the MARBLE rows, the raw min-norm direction for weighted_sum); the spread "
-        "of the per-batch QP solution; how small the min-norm point is next to the gradients "
-        "(small: strongly conflicting rewards).\n\n" + "\n".join(lines2) + "\n"
+
+def format_results(summary: dict[str, Any], cfg: ToyConfig) -> str:
+    """The report of one K: caption, table, the gramian check and the fallbacks."""
+    k = cfg.k
+    text = (
+        f"### K = {k} rewards (scales {cfg.reward_scales})\n\n"
+        f"{cfg.prompts} prompts x {cfg.group_size} rollouts, {cfg.steps} steps, seeds "
+        f"{cfg.seeds}, advantage std {cfg.advantage_std!r}, {cfg.timesteps} training t per "
+        f"rollout ({cfg.timestep_sampling}), coefficient EMA decay {cfg.coef_decay}; mean ± std "
+        f"over seeds. Worst cos = min over rewards of cos(g_k, applied update) with the exact "
+        f"per-reward gradients g_k (parameter space; the taps' own in gramian rows), negative "
+        f"below -{NEG_COS_TOL:g}; signal batches: every reward has a non-zero advantage "
+        f"[their number]. Guard fired: fraction of steps on which lambda_bar conflicted on the "
+        f"balance's Gram and the guard stepped in; λ change per step: the L1 norm of the applied "
+        f"weights' change from one step to the next, mean over steps. Δ = mean rollout reward over the last "
+        f"{summary['tail_steps']} steps minus the base model's mean on {cfg.eval_samples} "
+        f"evaluation samples.\n\n" + format_table(summary, cfg) + "\n"
     )
+    check = summary.get("gramian_check")
+    if check is not None:
+        text += (
+            f"\nGramian check: max over every step, seed and gramian row of "
+            f"max|M_gramian - M_parameters| / max diag M_parameters = "
+            f"{check['max_gram_gap']:.2e} (rows {', '.join(check['rows'])})."
+        )
+        if check["compared_with_parameters"]:
+            text += (
+                f" Against the matching parameters rows: largest |Δ difference| "
+                f"{check['max_abs_delta_difference']:.2e}, largest difference of the worst-cos "
+                f"< 0 fraction {check['max_frac_neg_difference']:.3f}."
+            )
+        text += "\n"
+    fallbacks = {key: a["fallbacks"] for key, a in summary["rows"].items() if a["fallbacks"]}
+    text += (
+        "\nBalancer fallbacks (uniform or Frank-Wolfe weights): "
+        + (", ".join(f"{key}: {n}" for key, n in fallbacks.items()) if fallbacks else "none")
+        + ".\n"
+    )
+    return text
 
 
-def plot_curves(runs: Sequence[dict[str, Any]], cfg: ToyConfig, path: Path) -> None:
-    """Per-reward rollout means (seed mean, min-max band) and the worst cosine, every method."""
+def plot_gains(summary: dict[str, Any], cfg: ToyConfig, path: Path) -> None:
+    """Per-reward gains (mean ± std over seeds) and the conflict / guard fractions, every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     k = cfg.k
-    fig, axes = plt.subplots(1, k + 1, figsize=(4 * (k + 1), 3.4))
-    colours = {
-        "weighted_sum": "tab:red",
-        "marble": "tab:blue",
-        "marble_guarded": "tab:purple",
-        "marble_no_ema": "tab:green",
-        "marble_lagged": "tab:orange",
-        "marble_output": "tab:red",
-    }
-    steps = np.arange(cfg.steps)
-    window = max(1, cfg.steps // 30)
-
-    def smooth(y: np.ndarray) -> np.ndarray:
-        if window <= 1:
-            return y
-        kernel = np.ones(window) / window
-        pad = np.pad(y, (window - 1, 0), mode="edge")
-        return np.convolve(pad, kernel, mode="valid")
-
-    for method in cfg.methods:
-        means = np.stack([np.asarray(run[method]["reward_mean"]) for run in runs])  # [S, T, K]
-        worst = np.stack([np.asarray(run[method]["cos"]).min(axis=1) for run in runs])  # [S, T]
-        for i in range(k):
-            curves = np.stack([smooth(m[:, i]) for m in means])
-            ax = axes[i]
-            ax.plot(steps, curves.mean(0), color=colours[method], label=method)
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=colours[method], alpha=0.2)
-        wc = np.stack([smooth(w) for w in worst])
-        axes[k].plot(steps, wc.mean(0), color=colours[method], label=method)
-        axes[k].fill_between(steps, wc.min(0), wc.max(0), color=colours[method], alpha=0.2)
+    rows = list(summary["rows"].values())
+    labels = [
+        a["balancer"] if a["space"] is None else f"{a['balancer']} / {a['space']} / {a['ema']}"
+        for a in rows
+    ]
+    y = np.arange(len(rows))[::-1]
+    space_colour = {None: "tab:red", "parameters": "tab:blue", "gramian": "tab:cyan"}
+    colours = [space_colour.get(a["space"], "tab:orange") for a in rows]
+    fig, axes = plt.subplots(
+        1, k + 1, figsize=(2.6 * (k + 1) + 2.5, 0.2 * len(rows) + 1.6), sharey=True
+    )
     for i in range(k):
-        axes[i].set_title(f"reward {i} (scale {cfg.reward_scales[i]:g})")
-        axes[i].set_xlabel("step")
-        axes[i].axhline(np.mean([run["initial"][i] for run in runs]), color="grey", ls=":")
-    axes[0].set_ylabel("rollout mean reward")
-    axes[k].set_title("worst cosine(g_k, update)")
-    axes[k].axhline(0.0, color="grey", ls=":")
-    axes[k].set_xlabel("step")
-    axes[0].legend(fontsize=8)
+        ax = axes[i]
+        mean = [a["delta"]["mean"][i] for a in rows]
+        std = [a["delta"]["std"][i] for a in rows]
+        ax.barh(y, mean, xerr=std, color=colours, alpha=0.8, error_kw={"lw": 0.8})
+        ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"Δ reward {i} (scale {cfg.reward_scales[i]:g})", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+        ax.tick_params(labelsize=7)
+    ax = axes[k]
+    ax.barh(y + 0.2, [a["frac_neg_worst_cos"]["mean"] for a in rows], 0.4, color="black")
+    ax.barh(y - 0.2, [a["frac_guarded"]["mean"] for a in rows], 0.4, color="tab:green")
+    ax.set_xlim(0, 1)
+    ax.set_title("worst cos < 0 (black), guard fired (green)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels, fontsize=7)
+    fig.suptitle(
+        f"Toy study, K = {k}: gains over the base (mean ± std, {len(cfg.seeds)} seeds); "
+        "red: weighted sum, blue: parameters, cyan: gramian, orange: output",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
@@ -630,20 +893,45 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
     d = ToyConfig()
     p = argparse.ArgumentParser(
         description=(
-            "Toy multi-reward flow-matching study: DiffusionNFT fine-tuning with MARBLE (per-reward "
-            "advantages, OSQP min-norm balance, coefficient EMA) against a weighted-sum reward."
+            "Toy multi-reward flow-matching study: DiffusionNFT fine-tuning with every balancer "
+            "(weighted sum, MARBLE's min-norm QP, torchjd's Gramian weightings) in every gradient "
+            "space (parameters, gramian, output) with every coefficient-EMA guard, at each K."
         )
     )
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="training seeds")
     p.add_argument(
-        "--methods",
+        "--k",
+        type=int,
         nargs="+",
-        choices=METHODS,
-        default=d.methods,
-        help="methods to compare (marble_guarded: the library's guarded EMA; marble_no_ema: raw QP "
-        "coefficients, the EMA ablation)",
+        default=d.ks,
+        help="numbers of rewards, one table each (scales: the first K of 1 0.3 0.1 0.5 0.2)",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="RL steps per method and seed")
+    p.add_argument(
+        "--reward-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one scale per reward: a single K = their number (overrides --k)",
+    )
+    p.add_argument(
+        "--balancers", nargs="+", choices=list(BALANCERS), default=d.balancers, help="balancers"
+    )
+    p.add_argument("--spaces", nargs="+", choices=SPACES, default=d.spaces, help="Gram spaces")
+    p.add_argument(
+        "--ema",
+        nargs="+",
+        choices=EMA_MODES,
+        default=d.ema,
+        help="coefficient EMA: none (raw weights), off (EMA, no guard), reset or project guard",
+    )
+    p.add_argument(
+        "--gramian-balancers",
+        nargs="+",
+        choices=["all", *BALANCERS],
+        default=d.gramian_balancers,
+        help="balancers also run in gramian space (the others are verified through it)",
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="RL steps per row and seed")
     p.add_argument("--prompts", type=int, default=d.prompts, help="prompts (groups) per step")
     p.add_argument("--group-size", type=int, default=d.group_size, help="rollouts per prompt (G)")
     p.add_argument("--sampler-steps", type=int, default=d.sampler_steps, help="Euler ODE steps")
@@ -654,13 +942,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         default=d.timestep_sampling,
         help="training t: U(0, 1), or distinct points of the Euler sampler's grid per rollout "
         "(MarbleModule's timestep_sampling: sampler, DiffusionNFT's recipe)",
-    )
-    p.add_argument(
-        "--reward-scales",
-        type=float,
-        nargs="+",
-        default=d.reward_scales,
-        help="one scale per reward (their number is K >= 2)",
     )
     p.add_argument("--reward-radius", type=float, default=d.reward_radius, help="bump radius rho")
     p.add_argument("--task-seed", type=int, default=d.task_seed, help="seed of the prompt mixtures")
@@ -678,26 +959,42 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
     p.add_argument("--old-decay", type=float, default=d.old_decay, help="v_old EMA decay")
     p.add_argument("--coef-decay", type=float, default=d.coef_decay, help="coefficient EMA mu")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="evaluation samples")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads per process")
     p.add_argument(
-        "--threads", type=int, default=d.threads, help="torch CPU threads (1 is fastest here)"
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes, forked (0: one per usable CPU core); the results do not depend "
+        "on it",
     )
     p.add_argument("--smoke", action="store_true", help="tiny run (seconds): 1 seed, few steps")
     p.add_argument(
         "--out", type=Path, default=Path("runs/toy_study"), help="output folder (created)"
     )
     a = p.parse_args(argv)
-    if len(a.reward_scales) < 2 or any(s <= 0 for s in a.reward_scales):
-        p.error("--reward-scales needs at least two positive scales (one per reward)")
+    if a.reward_scales is not None:
+        if len(a.reward_scales) < 2 or any(s <= 0 for s in a.reward_scales):
+            p.error("--reward-scales needs at least two positive scales (one per reward)")
+        ks, scales = [len(a.reward_scales)], list(a.reward_scales)
+    else:
+        if any(k < 2 for k in a.k):
+            p.error("--k needs numbers of rewards >= 2")
+        ks = list(dict.fromkeys(a.k))
+        scales = default_scales(ks[0])
     cfg = ToyConfig(
         seeds=list(a.seeds),
-        methods=list(dict.fromkeys(a.methods)),
+        ks=ks,
+        balancers=list(dict.fromkeys(a.balancers)),
+        spaces=[s for s in SPACES if s in a.spaces],
+        ema=[e for e in EMA_MODES if e in a.ema],
+        gramian_balancers=list(dict.fromkeys(a.gramian_balancers)),
         steps=a.steps,
         prompts=a.prompts,
         group_size=a.group_size,
         sampler_steps=a.sampler_steps,
         timesteps=a.timesteps,
         timestep_sampling=a.timestep_sampling,
-        reward_scales=list(a.reward_scales),
+        reward_scales=scales,
         reward_radius=a.reward_radius,
         task_seed=a.task_seed,
         lora_rank=a.lora_rank,
@@ -710,6 +1007,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         coef_decay=a.coef_decay,
         eval_samples=a.eval_samples,
         threads=a.threads,
+        jobs=a.jobs if a.jobs > 0 else _usable_cores(),
     )
     if a.smoke:
         cfg.seeds = cfg.seeds[:1]
@@ -724,7 +1022,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the study, write ``curves.png``, ``results.md``, ``results.json``; return the summary."""
+    """Run the study; per K write ``results_k<K>.md`` and ``gains_k<K>.png``, and all of it to
+    ``results.md``, ``results.json`` (summaries) and ``runs.json`` (per-step curves); return
+    ``{"runtime_s", "by_k": {K: summary}}``."""
     cfg, out = parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
@@ -734,23 +1034,57 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def _compact_runs(runs: Sequence[dict[str, Any]], rows: Sequence[Variant]) -> list[dict]:
+    """Per-step reward means, worst cosines and guard flags of every run (for plots later)."""
+    return [
+        {
+            "seed": run["seed"],
+            "initial": run["initial"],
+            **{
+                v.key: {
+                    "reward_mean": np.round(np.asarray(run[v.key]["reward_mean"]), 5).tolist(),
+                    "worst_cos": np.round(np.asarray(run[v.key]["cos"]).min(1), 5).tolist(),
+                    "guarded": [int(g) for g in run[v.key]["guarded"]],
+                }
+                for v in rows
+            },
+        }
+        for run in runs
+    ]
+
+
 def _run(cfg: ToyConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    task = make_task(cfg)
-    runs = []
-    for seed in cfg.seeds:
-        runs.append(run_seed(cfg, task, seed))
-        print(f"seed {seed} done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    summary = summarize(runs, cfg)
+    texts, by_k, configs, curves = [], {}, {}, {}
+    for k in cfg.ks:
+        kcfg = cfg.for_k(k)
+        kcfg.balancers = available_balancers(kcfg.balancers, k)
+        rows = variants(kcfg)
+        k_start = time.perf_counter()
+        runs = run_grid(kcfg, rows)
+        summary = summarize(runs, kcfg, rows)
+        seconds = time.perf_counter() - k_start
+        summary["runtime_s"] = seconds
+        print(
+            f"K = {k}: {len(rows)} rows x {len(kcfg.seeds)} seeds, {seconds:.1f} s", file=sys.stderr
+        )
+        text = format_results(summary, kcfg) + f"\nRuntime (K = {k}): {seconds:.1f} s.\n"
+        print(text)
+        (out / f"results_k{k}.md").write_text(text)
+        plot_gains(summary, kcfg, out / f"gains_k{k}.png")
+        texts.append(text)
+        by_k[k] = summary
+        configs[k] = asdict(kcfg)
+        curves[k] = _compact_runs(runs, rows)
     elapsed = time.perf_counter() - start
-    text = format_results(summary, cfg) + f"\nRuntime: {elapsed:.1f} s.\n"
-    print(text, end="")
-    (out / "results.md").write_text(text)
-    plot_curves(runs, cfg, out / "curves.png")
-    payload = {"config": asdict(cfg), "runtime_s": elapsed, "summary": summary, "runs": runs}
+    (out / "results.md").write_text(
+        "\n".join(texts) + f"\nTotal runtime: {elapsed:.1f} s ({cfg.jobs} job(s)).\n"
+    )
+    payload = {"config": asdict(cfg), "configs": configs, "runtime_s": elapsed, "summary": by_k}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    return summary
+    (out / "runs.json").write_text(json.dumps(curves))
+    return {"runtime_s": elapsed, "by_k": by_k}
 
 
 if __name__ == "__main__":

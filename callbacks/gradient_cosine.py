@@ -13,7 +13,11 @@ from marble_pl.balance import gram
 from marble_pl.errors import ConfigError
 from marble_pl.gradients import cosines, output_cosines
 
-__all__ = ["GradientCosineMonitor"]
+__all__ = ["GradientCosineMonitor", "NEGATIVE_COS_TOL"]
+
+#: A worst cosine counts as negative below ``-NEGATIVE_COS_TOL`` (the QP's round-off on the
+#: boundary of the safe set is ~1e-7; the toy study uses the same threshold).
+NEGATIVE_COS_TOL = 1e-6
 
 
 class GradientCosineMonitor(Callback):
@@ -27,7 +31,9 @@ class GradientCosineMonitor(Callback):
       method would take on the same batch (the NFT gradient with ``r`` from ONE advantage
       estimator on ``R @ w``; ``w`` from ``weights``, uniform by default);
     * ``cos/frac_min_negative`` and ``cos_ws/frac_min_negative``: the running fraction of
-      steps, since the start of the run, whose worst cosine is negative.
+      steps, since the start of the run, whose worst cosine is negative, below
+      ``-NEGATIVE_COS_TOL`` (1e-6): coefficients projected onto the safe set sit on its
+      boundary, where a held-still reward's cosine is 0 up to the QP's round-off (~1e-7).
 
     In ``output`` gradient space the cosines are output-space ones (closed form, no backward);
     in ``parameters`` and ``gramian`` space they are exact.
@@ -104,8 +110,8 @@ class GradientCosineMonitor(Callback):
                 audit.update(self._named("cos_exact_ws", names, cosines(g[:k], g[k + 1])))
                 audit.update(self._coefficient_gap(pl_module, names, g[:k], ctx.weights_raw))
         self.steps += 1
-        self.negative += int(cos.min() < 0)
-        self.negative_ws += int(cos_ws.min() < 0)
+        self.negative += int(cos.min() < -NEGATIVE_COS_TOL)
+        self.negative_ws += int(cos_ws.min() < -NEGATIVE_COS_TOL)
         log.update(self._named("cos", names, cos))
         log.update(self._named("cos_ws", names, cos_ws))
         log["cos/frac_min_negative"] = self.negative / self.steps

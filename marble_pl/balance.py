@@ -27,6 +27,12 @@ __all__ = [
     "gram",
     "min_norm_coefficients",
     "frank_wolfe_min_norm",
+    "zero_gradient_vertex",
+    "unit_diagonal_scaling",
+    "project_to_safe_set",
+    "step_towards_safe",
+    "PROJECTION_SETTINGS",
+    "ZERO_GRADIENT_RTOL",
     "conflicts",
     "gradient_scales",
     "rescale_gram",
@@ -42,8 +48,10 @@ class BalanceResult:
     """Coefficients and how they were obtained.
 
     ``status`` is OSQP's status string (``"solved"``, ``"solved inaccurate"``, ...) or one of
-    ``"single"`` (K = 1), ``"zero_gram"`` (all gradients zero: uniform weights), ``"fixed"``.
-    ``fallback`` is True when the weights did not come from a solved QP.
+    ``"single"`` (K = 1), ``"zero_gram"`` (all gradients zero: uniform weights),
+    ``"zero_gradient"`` (some gradient is zero: its vertex is the exact min-norm point, ``d = 0``,
+    no QP needed, ``fallback=False``), ``"fixed"``. ``fallback`` is True when the weights did not
+    come from a solved QP or an exact answer.
     """
 
     weights: np.ndarray
@@ -130,6 +138,58 @@ def frank_wolfe_min_norm(
     return project_to_simplex(lam)
 
 
+#: A gradient counts as zero when ``M_kk <= ZERO_GRADIENT_RTOL * max_j M_jj``: a norm ratio of
+#: 1e-15, float64's epsilon. Its vertex then conflicts with no reward beyond
+#: ``|M_jk| <= sqrt(M_jj M_kk) <= 1e-15 max_j M_jj <= K 1e-15 * mean diag``, far inside
+#: :func:`conflicts`' tolerance, while norms that are merely small (1e-12 of the largest, say) are
+#: still solved for.
+ZERO_GRADIENT_RTOL = 1e-30
+
+
+def zero_gradient_vertex(m: np.ndarray) -> int | None:
+    """Index of a (numerically) zero gradient, whose vertex is an exact min-norm point, else None.
+
+    With ``g_k = 0`` the point ``lambda = e_k`` gives ``d = 0``, the global minimum of
+    ``lambda^T M lambda >= 0``; no solver is needed (and OSQP converges badly on such Grams). Of
+    several zero rows the one with the smallest ``M_kk`` (then the lowest index) is taken.
+    """
+    diag = np.abs(np.diag(m))  # a Gram's diagonal is >= 0; |.| keeps bogus input out of here
+    largest = float(np.max(diag))
+    if largest <= 0.0:
+        return None  # all zero: no gradient at all, the caller's "zero_gram" case
+    small = diag <= ZERO_GRADIENT_RTOL * largest
+    if not np.any(small):
+        return None
+    return int(np.argmin(np.where(small, diag, np.inf)))
+
+
+def unit_diagonal_scaling(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The min-norm QP in variables ``mu`` with ``lambda = a * mu``: ``(C, a)``.
+
+    ``n_k = sqrt(M_kk)`` (all positive), ``a_k = min(n) / n_k`` in ``(0, 1]`` and ``C = M /
+    (n n^T)``, the unit-diagonal cosine matrix; then ``lambda^T M lambda = min(n)^2 mu^T C mu``,
+    ``sum lambda = a^T mu`` and ``lambda >= 0 <=> mu >= 0``. On gradients whose norms span many
+    decades the optimal ``lambda`` does too (weights ~1e-12 on large gradients matter), below
+    OSQP's absolute tolerance; ``mu = lambda * n / min(n)`` is of order one instead.
+    """
+    n = np.sqrt(np.abs(np.diag(m)))  # |.|: a non-Gram keeps its negative (non-convex) diagonal
+    a = float(np.min(n)) / n
+    return m / np.outer(n, n), a
+
+
+def _simplex_from_scaled(x: np.ndarray, a: np.ndarray) -> np.ndarray | None:
+    """``lambda = a * mu`` clipped at 0 and divided by its sum (None if not finite or all zero).
+
+    Division, not :func:`project_to_simplex`: subtracting a common shift would wipe out the tiny
+    but significant weights of a badly scaled Gram.
+    """
+    lam = np.clip(a * x, 0.0, None)
+    total = float(lam.sum())
+    if not (np.all(np.isfinite(lam)) and np.isfinite(total) and total > 0.0):
+        return None
+    return lam / total
+
+
 #: OSQP's "adapt rho every ``adaptive_rho_interval`` iterations" mode (``OSQP_ADAPTIVE_RHO_UPDATE_
 #: ITERATIONS``). Pinned: the alternatives (``2``, time based; ``adaptive_rho_interval=0`` before
 #: osqp 1.0) adapt rho after a fraction of the measured setup *time*, which makes the iterates,
@@ -139,41 +199,54 @@ ADAPTIVE_RHO_ITERATIONS = 1
 
 @dataclass(frozen=True)
 class _QPStructure:
-    """The parts of the QP that depend only on K: the index pattern of P's upper triangle, A, l, u."""
+    """The parts of the QP that depend only on K: index patterns of triu(P) and A, and l, u."""
 
+    k: int
     rows: np.ndarray
     indptr: np.ndarray
     cols: np.ndarray
-    a: sp.csc_matrix
+    a_rows: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
 
     @classmethod
     def for_k(cls, k: int) -> _QPStructure:
-        """Constraints ``sum lambda = 1`` (row 0) and ``lambda >= 0`` (rows 1..K); dense triu(P)."""
+        """Constraints ``a^T x = 1`` (row 0) and ``x >= 0`` (rows 1..K); dense triu(P)."""
         return cls(
+            k=k,
             rows=np.concatenate([np.arange(j + 1) for j in range(k)]),
             indptr=np.concatenate([[0], np.cumsum(np.arange(1, k + 1))]),
             cols=np.concatenate([np.full(j + 1, j) for j in range(k)]),
-            a=sp.csc_matrix(np.vstack([np.ones((1, k)), np.eye(k)])),
+            a_rows=np.stack([np.zeros(k, dtype=np.int64), np.arange(1, k + 1)], axis=1).ravel(),
             lower=np.concatenate([[1.0], np.zeros(k)]),
             upper=np.concatenate([[1.0], np.full(k, np.inf)]),
         )
 
     def p_upper(self, m: np.ndarray) -> sp.csc_matrix:
         """``P = 2 M`` as its dense upper triangle in CSC form."""
-        k = m.shape[0]
+        k = self.k
         return sp.csc_matrix((2.0 * m[self.rows, self.cols], self.rows, self.indptr), shape=(k, k))
+
+    def a_matrix(self, a: np.ndarray) -> sp.csc_matrix:
+        """``A = [a^T; I]`` in CSC form (column j: ``a_j`` in row 0, 1 in row j + 1)."""
+        k = self.k
+        data = np.stack([np.asarray(a, dtype=np.float64), np.ones(k)], axis=1).ravel()
+        return sp.csc_matrix((data, self.a_rows, np.arange(0, 2 * k + 1, 2)), shape=(k + 1, k))
 
 
 class MinNormSolver:
     """OSQP min-norm QP ``min lambda^T M lambda`` on the simplex, warm-started from the last solution.
 
-    ``P = 2 M`` (dense upper triangle), ``q = 0``, constraints ``sum lambda = 1`` and
-    ``lambda >= 0``. The Gram is divided by its mean diagonal first: raw LoRA Grams (norms ~1e-5)
-    otherwise stop OSQP at a feasible but wrong point. When OSQP does not report ``solved``, the
-    documented fallback is :func:`frank_wolfe_min_norm` started from OSQP's projected iterate
-    (``fallback=True``, status kept for the metric).
+    A zero (or numerically zero, :data:`ZERO_GRADIENT_RTOL`) gradient is answered exactly
+    without OSQP: its vertex, ``d = 0``, status ``"zero_gradient"`` (:func:`zero_gradient_vertex`).
+    Otherwise OSQP solves the unit-diagonal form (:func:`unit_diagonal_scaling`): ``P = 2 C`` with
+    ``C = M / (n n^T)`` (dense upper triangle), ``q = 0``, constraints ``a^T mu = 1`` and ``mu >=
+    0``, ``lambda = a * mu``. This scaling makes the problem independent of the gradients' sizes:
+    raw LoRA Grams (norms ~1e-5) and norms spread over 12 decades alike (dividing by the mean
+    diagonal only, as before, failed or stopped at wrong points on a quarter to nearly all of
+    such Grams). When OSQP does not report ``solved``, the documented fallback is
+    :func:`frank_wolfe_min_norm` started from OSQP's iterate (``fallback=True``, status kept for
+    the metric).
 
     Deterministic for exact resume: every call sets up a fresh OSQP workspace (builtin algebra,
     rho adapted on a fixed iteration interval, never on timing) warm-started from ``x =
@@ -198,20 +271,28 @@ class MinNormSolver:
 
     def _structure_for(self, k: int) -> _QPStructure:
         """The cached K-only part of the problem (rebuilt when K changes)."""
-        if self._structure is None or self._structure.a.shape[1] != k:
+        if self._structure is None or self._structure.k != k:
             self._structure = _QPStructure.for_k(k)
         return self._structure
 
-    def _solve_osqp(self, m: np.ndarray, init: np.ndarray | None) -> tuple[str, np.ndarray]:
-        """One solve in a new workspace, warm-started from ``init`` (primal only); status and x."""
-        k = m.shape[0]
+    def _solve_osqp(
+        self, c: np.ndarray, a: np.ndarray, init: np.ndarray | None
+    ) -> tuple[str, np.ndarray]:
+        """One solve of ``min mu^T C mu, a^T mu = 1, mu >= 0`` in a new workspace, warm-started
+        from ``mu = init / a`` (primal only, ``init`` being weights ``lambda``); status and mu."""
+        k = c.shape[0]
         qp = self._structure_for(k)
         solver = osqp.OSQP(algebra="builtin")  # never an installed MKL/CUDA backend's numerics
         solver.setup(
-            P=qp.p_upper(m), q=np.zeros(k), A=qp.a, l=qp.lower, u=qp.upper, **self.settings
+            P=qp.p_upper(c),
+            q=np.zeros(k),
+            A=qp.a_matrix(a),
+            l=qp.lower,
+            u=qp.upper,
+            **self.settings,
         )
         if init is not None and len(init) == k:
-            solver.warm_start(x=np.asarray(init, dtype=np.float64))
+            solver.warm_start(x=np.asarray(init, dtype=np.float64) / a)
         result = solver.solve(raise_error=False)
         return str(result.info.status), np.asarray(result.x, dtype=np.float64)
 
@@ -227,18 +308,22 @@ class MinNormSolver:
         if scale <= 0.0:
             weights = np.full(k, 1.0 / k)
             return BalanceResult(weights, "zero_gram", time.perf_counter() - start, True)
-        m = m / scale
+        vertex = zero_gradient_vertex(m)
+        if vertex is not None:
+            weights = np.zeros(k)
+            weights[vertex] = 1.0
+            self.last_weights = weights
+            return BalanceResult(weights, "zero_gradient", time.perf_counter() - start, False)
+        c, a = unit_diagonal_scaling(m)
         init = warm_start if warm_start is not None else self.last_weights
         try:
-            status, x = self._solve_osqp(m, init)
+            status, x = self._solve_osqp(c, a, init)
         except Exception as err:  # a failing OSQP must not stop training
             status, x = f"error: {type(err).__name__}: {err}", np.full(k, np.nan)
-        ok = status == "solved" and bool(np.all(np.isfinite(x)))
-        if ok:
-            weights = project_to_simplex(x)
-        else:
-            init_fw = project_to_simplex(x) if np.all(np.isfinite(x)) else None
-            weights = frank_wolfe_min_norm(m, init=init_fw)
+        weights = _simplex_from_scaled(x, a)
+        ok = status == "solved" and weights is not None
+        if not ok:
+            weights = frank_wolfe_min_norm(m / scale, init=weights)
         self.last_weights = weights
         return BalanceResult(weights, status, time.perf_counter() - start, not ok)
 
@@ -257,6 +342,90 @@ def min_norm_coefficients(
     Pass the same ``solver`` across steps to warm-start each solve from the previous solution.
     """
     return (solver or MinNormSolver())(gram, warm_start=warm_start)
+
+
+#: OSQP settings of :func:`project_to_safe_set`: as :class:`MinNormSolver`'s, deterministic.
+PROJECTION_SETTINGS: dict[str, Any] = {
+    "eps_abs": 1e-9,
+    "eps_rel": 1e-9,
+    "max_iter": 10_000,
+    "polishing": True,
+    "verbose": False,
+    "adaptive_rho": ADAPTIVE_RHO_ITERATIONS,
+    "adaptive_rho_interval": 50,
+}
+
+
+def step_towards_safe(
+    m: np.ndarray, weights: np.ndarray, safe: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Shortest move ``(1 - t) w + t lambda_safe`` along the segment making ``M w >= 0``; (w, t).
+
+    ``(M w(t))_k`` is affine in ``t``, so each violated row ``v_k = (M w)_k < 0`` needs ``t >=
+    -v_k / (s_k - v_k)`` with ``s = M lambda_safe``; a row that ``lambda_safe`` does not improve
+    needs ``t = 1``. Both ends on the simplex keep the result there.
+    """
+    v, target = m @ weights, m @ safe
+    bad = v < 0.0
+    if not np.any(bad):
+        return weights, 0.0
+    rise = target[bad] - v[bad]
+    needed = np.where(rise > 0.0, -v[bad] / np.where(rise > 0.0, rise, 1.0), 1.0)
+    t = float(min(1.0, np.max(needed)))
+    return (1.0 - t) * weights + t * safe, t
+
+
+def project_to_safe_set(
+    lambda_bar: np.ndarray,
+    gram: np.ndarray | Tensor,
+    fallback: np.ndarray | None = None,
+    rtol: float = 1e-9,
+) -> np.ndarray:
+    """Euclidean projection of ``lambda_bar`` onto ``{lambda in simplex : M lambda >= 0}``.
+
+    The safe set holds the weights whose direction pushes no reward backwards; it is never empty,
+    as the min-norm point ``lambda*`` (``fallback``; solved here when None) has ``M lambda* >=
+    ||d||^2 >= 0``. ``lambda_bar`` itself is returned (a copy) when it does not conflict
+    (:func:`conflicts` with ``rtol``). Otherwise OSQP solves ``min 1/2 ||lambda||^2 -
+    lambda_bar^T lambda`` with ``sum lambda = 1``, ``lambda >= 0`` and ``(M / mean diag)
+    lambda >= 0`` (rows of zero gradients, identically 0, dropped), in a fresh workspace with
+    :data:`PROJECTION_SETTINGS` (deterministic: same inputs, same bits). The solution is clipped
+    and renormalised, and if it still conflicts beyond ``rtol`` (OSQP's tolerance) it takes the
+    shortest step towards ``lambda*`` that removes the conflict (:func:`step_towards_safe`).
+    When OSQP does not report ``solved``, or the result still conflicts, ``lambda*`` is returned.
+    """
+    m = _check_gram(gram)
+    k = m.shape[0]
+    bar = np.asarray(lambda_bar, dtype=np.float64)
+    if bar.shape != (k,):
+        raise ValueError(f"lambda_bar has shape {bar.shape}, expected ({k},) for a {k}x{k} Gram")
+    if not conflicts(m, bar, rtol):
+        return bar.copy()
+    safe = min_norm_coefficients(m).weights if fallback is None else fallback
+    safe = np.asarray(safe, dtype=np.float64)
+    if safe.shape != (k,):
+        raise ValueError(f"fallback has shape {safe.shape}, expected ({k},) for a {k}x{k} Gram")
+    ms = m / (float(np.trace(m)) / k)  # conflicts => some gradient is nonzero => trace > 0
+    rows = ms[np.diag(ms) > 0.0]
+    a = sp.csc_matrix(np.vstack([np.ones((1, k)), np.eye(k), rows]))
+    lower = np.concatenate([[1.0], np.zeros(k + rows.shape[0])])
+    upper = np.concatenate([[1.0], np.full(k + rows.shape[0], np.inf)])
+    try:
+        solver = osqp.OSQP(algebra="builtin")  # never an installed MKL/CUDA backend's numerics
+        solver.setup(
+            P=sp.identity(k, format="csc"), q=-bar, A=a, l=lower, u=upper, **PROJECTION_SETTINGS
+        )
+        result = solver.solve(raise_error=False)
+        status, x = str(result.info.status), np.asarray(result.x, dtype=np.float64)
+    except Exception:  # a failing OSQP must not stop training: lambda* is always safe
+        return safe.copy()
+    if status != "solved" or not np.all(np.isfinite(x)) or float(np.clip(x, 0.0, None).sum()) <= 0:
+        return safe.copy()
+    lam = np.clip(x, 0.0, None)
+    lam /= lam.sum()
+    if conflicts(m, lam, rtol):
+        lam, _ = step_towards_safe(ms, lam, safe)
+    return safe.copy() if conflicts(m, lam, rtol) else lam
 
 
 class FixedWeights:

@@ -198,7 +198,8 @@ class MarbleModule(LightningModule):
             rollouts (one all-gather); DiffusionNFT's default (``sample.global_std = True``).
             ``group``: each group's own (GRPO-style; it inflates near-ties within a group).
             ``global`` is the default because the toy study (``benchmarks/toy_study.py
-            --advantage-std``, 3 seeds) shows no clear difference: guarded MARBLE's reward gains
+            --advantage-std`` in its version of commit 9373154, 3 seeds) shows no clear
+            difference: guarded MARBLE's reward gains
             +0.104 / +0.062 / +0.016 with ``global`` against +0.101 / +0.058 / +0.016 with
             ``group`` (every gap under one seed std), every reward up in 3 of 3 seeds and 0 % of
             batches with a negative worst cosine either way; so it follows DiffusionNFT.

@@ -99,7 +99,7 @@ def test_degenerate_grams(name, grads):
     res = min_norm_coefficients(m)
     lam = res.weights
     assert np.all(np.isfinite(lam)) and np.all(lam >= 0) and abs(lam.sum() - 1) < 1e-12
-    assert res.status == "solved" and not res.fallback
+    assert res.status in ("solved", "zero_gradient") and not res.fallback
     d = lam @ grads
     tol = 1e-6 * np.trace(m)
     assert np.all(grads @ d >= d @ d - tol)
