@@ -383,11 +383,17 @@ HARD_COLUMNS = (
 )
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: a header of ``columns``, then one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def format_hard_table(rows: Sequence[HardRow]) -> str:
     """The hard-Gram rows as a markdown table (one row per K)."""
-    lines = ["| " + " | ".join(HARD_COLUMNS) + " |", "|" + "---|" * len(HARD_COLUMNS)]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             str(r.k),
             str(r.n),
             str(r.with_zero_rows),
@@ -398,8 +404,9 @@ def format_hard_table(rows: Sequence[HardRow]) -> str:
             f"{r.osqp_median_ms:.3f}",
             f"{r.max_rel_gap:.2e}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for r in rows
+    ]
+    return markdown_table(HARD_COLUMNS, cells)
 
 
 COLUMNS = (
@@ -419,9 +426,8 @@ COLUMNS = (
 
 def format_table(rows: Sequence[QPRow]) -> str:
     """The rows as a markdown table (one row per K)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             str(r.k),
             str(r.n),
             f"{r.cold_median_ms:.3f}",
@@ -434,8 +440,9 @@ def format_table(rows: Sequence[QPRow]) -> str:
             f"{r.max_diag_gap:.2e}",
             str(r.fallbacks),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for r in rows
+    ]
+    return markdown_table(COLUMNS, cells)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

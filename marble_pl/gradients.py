@@ -25,6 +25,7 @@ __all__ = [
     "cosines",
     "output_cosines",
     "flat_grad",
+    "flatten_grads",
     "assign_flat_grad",
 ]
 
@@ -46,11 +47,12 @@ def parameter_grads(losses: Tensor, params: Sequence[Tensor], retain_graph: bool
         grads = torch.autograd.grad(
             losses[i], params, retain_graph=retain_graph or i < k - 1, allow_unused=True
         )
-        rows.append(_flatten(grads, params))
+        rows.append(flatten_grads(grads, params))
     return torch.stack(rows)
 
 
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+def flatten_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """One ``[P]`` vector of per-parameter gradients (zeros for ``None``: unused parameters)."""
     return torch.cat(
         [
             (g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -94,7 +96,7 @@ def cosines(grads: Tensor, direction: Tensor, eps: float = 1e-30) -> Tensor:
 
 def flat_grad(params: Sequence[Tensor]) -> Tensor:
     """The ``.grad`` of ``params`` flattened into one vector (zeros where missing)."""
-    return _flatten([p.grad for p in params], params)
+    return flatten_grads([p.grad for p in params], params)
 
 
 def assign_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:

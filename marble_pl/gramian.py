@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from marble_pl.gradients import flatten_grads
+
 __all__ = ["LinearGradientTaps", "affine_split", "affine_reward_grads"]
 
 
@@ -144,17 +146,8 @@ def affine_reward_grads(
     params = taps.params
     weighted = taps.weighted(a, r, retain_graph=True)
     grad_b = torch.autograd.grad(b.sum(), params, retain_graph=extra is not None, allow_unused=True)
-    grads = weighted + _flatten(grad_b, params).unsqueeze(0)
+    grads = weighted + flatten_grads(grad_b, params).unsqueeze(0)
     extra_grad = None
     if extra is not None:
-        extra_grad = _flatten(torch.autograd.grad(extra, params, allow_unused=True), params)
+        extra_grad = flatten_grads(torch.autograd.grad(extra, params, allow_unused=True), params)
     return grads, extra_grad
-
-
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
