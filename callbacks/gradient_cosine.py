@@ -108,7 +108,7 @@ class GradientCosineMonitor(Callback):
                 g = ctx.param_grads(torch.cat([ctx.r, ctx.r_applied[:, None], r_ws], dim=1))
                 audit.update(self._named("cos_exact", names, cosines(g[:k], g[k])))
                 audit.update(self._named("cos_exact_ws", names, cosines(g[:k], g[k + 1])))
-                audit.update(self._coefficient_gap(pl_module, names, g[:k], ctx.weights_raw))
+                audit.update(self._coefficient_gap(pl_module, names, g[:k], ctx))
         self.steps += 1
         self.negative += int(cos.min() < -NEGATIVE_COS_TOL)
         self.negative_ws += int(cos_ws.min() < -NEGATIVE_COS_TOL)
@@ -129,14 +129,15 @@ class GradientCosineMonitor(Callback):
         pl_module: LightningModule,
         names: Sequence[str],
         grads: torch.Tensor,
-        weights_raw: np.ndarray | None,
+        ctx: Any,
     ) -> dict[str, float]:
         """How far this step's output-space ``lambda*`` is from the balancer's ``lambda*`` on the
         exact parameter-space Gram: ``lambda_exact/<name>`` and ``lambda_exact/gap`` (max
         absolute difference). Nothing for the baselines (their weights ignore the Gram)."""
+        weights_raw = ctx.weights_raw
         if weights_raw is None or not pl_module.balancer.needs_gram:
             return {}
-        exact = pl_module.coefficients_for(gram(grads))
+        exact = pl_module.coefficients_for(gram(grads), ctx.losses)
         out = {f"lambda_exact/{n}": float(v) for n, v in zip(names, exact, strict=True)}
         out["lambda_exact/gap"] = float(np.abs(np.asarray(weights_raw) - exact).max())
         return out

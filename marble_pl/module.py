@@ -127,6 +127,8 @@ class GradientContext:
     grads_fn: Callable[[Tensor], Tensor]
     weights_raw: np.ndarray | None = None
     """This step's ``lambda*`` (from the Gram of the step's gradient space)."""
+    losses: Tensor | None = None
+    """This step's per-reward mean losses ``[K]`` (the ``loss`` normalisation's scales)."""
 
     def param_grads(self, r_cols: Tensor) -> Tensor:
         """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``."""
@@ -791,6 +793,7 @@ class MarbleModule(LightningModule):
             ctx = GradientContext(
                 self, rewards, group_ids, bad, r_each, r_bar, stats, grads, direction,
                 grads_fn=lambda cols: self.loss_grads(pairs, cond, cols), weights_raw=raw,
+                losses=losses,
             )  # fmt: skip
             for cb in monitors:
                 cb.on_marble_gradients(self.trainer, self, ctx)

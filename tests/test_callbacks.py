@@ -178,6 +178,18 @@ def test_image_grid_layout():
     assert grid[0, 0, 0] == 0.25 and grid[0, 6, 7] == 0.25  # padding and the empty cell
 
 
+def test_audit_gap_uses_the_balancers_normalisation(tiny_sd3_path):
+    """With ``normalization: loss`` the exact coefficients need the step's losses too."""
+    module = make_module(tiny_sd3_path, normalization="loss")
+    randomise_lora_b(module)
+    monitor = GradientCosineMonitor(audit_every_n_steps=1)
+    history = History(monitor)
+    fit(module, steps=1, callbacks=[monitor, history])
+    (logged,) = history.logged
+    lam = [logged[f"lambda_exact/{n}"] for n in module.reward_names]
+    assert sum(lam) == pytest.approx(1.0) and 0 <= logged["lambda_exact/gap"] <= 1
+
+
 @pytest.mark.parametrize("space", ["output", "parameters", "gramian"])
 def test_raw_min_norm_update_never_conflicts(tiny_sd3_path, space):
     """Without the EMA the applied update is the min-norm point: every cos(g_k, d) >= 0."""
