@@ -240,7 +240,7 @@ class MarbleModule(LightningModule):
             With more than one micro-batch the balance still sees the whole batch: a no-grad
             forward pass gathers its Gram first (one extra forward of the trained policy).
         rollout_chunk_size: prompts sampled per rollout call (None: the whole batch at once);
-            with ``noise_level > 0`` the SDE noise then depends on the chunking.
+            the rollouts do not depend on it (each sample's noise has its own seed).
         lagged_balance: with several micro-batches in ``output`` space, apply the coefficients of
             the earlier batches (``lambda_bar``) and fold this batch's Gram, which the update's
             own forwards give, into them afterwards: no extra forward pass, a one-step lag and
@@ -516,37 +516,32 @@ class MarbleModule(LightningModule):
         neg, neg_pooled = self._negative
         return neg.expand(n, *neg.shape[1:]), neg_pooled.expand(n, *neg_pooled.shape[1:])
 
-    def _generator(self, stream: int) -> torch.Generator:
-        """A generator seeded by (seed, step, rank, stream): reproducible and resumable."""
-        seed = (
-            self.hparams.seed * 1_000_003
-            + self.global_step * 7919
-            + self.global_rank * 104_729
-            + stream * 15_485_863
-        )
-        return torch.Generator(device="cpu").manual_seed(seed % (2**63))
-
     def _per_sample(self, n: int, stream: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
         """Stack ``draw(g_i)`` over this rank's samples, ``g_i`` seeded by the GLOBAL sample index.
 
         So a sample's noise, timestep and rollout do not depend on how the global batch is split
         over data-parallel ranks, nor on what ran before (exact resume).
         """
+        return torch.stack([draw(gen) for gen in self._sample_generators(n, stream)]).to(
+            self.device
+        )
+
+    def _sample_generators(self, n: int, stream: int) -> list[torch.Generator]:
+        """One CPU generator per sample of this rank, seeded by (seed, step, stream, GLOBAL index)."""
         start = self.global_rank * n
         base = (self.hparams.seed * 1_000_003 + self.global_step * 7919 + stream * 104_729) % (
             2**31
         )
-        out = []
-        for i in range(start, start + n):
-            gen = torch.Generator(device="cpu").manual_seed(base * 2**31 + i)
-            out.append(draw(gen))
-        return torch.stack(out).to(self.device)
+        return [
+            torch.Generator(device="cpu").manual_seed(base * 2**31 + i)
+            for i in range(start, start + n)
+        ]
 
     @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         adapter: str | None = SAMPLING_ADAPTER,
         noise: Tensor | None = None,
         config: RolloutConfig | None = None,
@@ -827,14 +822,19 @@ class MarbleModule(LightningModule):
     # ------------------------------------------------------------------ stages of a step
 
     def rollout_batch(self, prompts: Sequence[str]) -> RolloutOutput:
-        """Roll out the batch with ``v_old``, ``rollout_chunk_size`` prompts per call."""
+        """Roll out the batch with ``v_old``, ``rollout_chunk_size`` prompts per call.
+
+        Every random draw (initial noise, the SDE's step noise) comes from the sample's own
+        generator, seeded by its global index: a sample's rollout does not depend on the chunking,
+        on the data-parallel split, nor on what ran before.
+        """
         n = len(prompts)
         shape = self.rollout_config.latent_shape(self.transformer, self.vae_scale_factor)
         noise = self._per_sample(n, 0, lambda g: torch.randn(shape, generator=g))
-        generator = self._generator(0)
+        sde = self._sample_generators(n, 3)  # the SDE's per-step noise, per sample too
         size = self.hparams.rollout_chunk_size or n
         outs = [
-            self.sample(prompts[i : i + size], generator, noise=noise[i : i + size])
+            self.sample(prompts[i : i + size], sde[i : i + size], noise=noise[i : i + size])
             for i in range(0, n, size)
         ]
         if len(outs) == 1:

@@ -18,6 +18,9 @@ from torch import Tensor, nn
 
 __all__ = ["RolloutConfig", "RolloutOutput", "decode_latents", "rollout", "sample_latents"]
 
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the batch, or one per sample (draws then independent of the batching)."""
+
 SD3_VAE_SCALE_FACTOR = 8
 
 
@@ -161,7 +164,7 @@ def _sde_step(
     sigma_next: Tensor,
     sigma_max: Tensor,
     noise_level: float,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Tensor:
     """One Euler-Maruyama step of the Flow-GRPO SDE (formula in :class:`RolloutConfig`)."""
     dt = sigma_next - sigma
@@ -181,7 +184,7 @@ def sample_latents(
     config: RolloutConfig,
     negative_prompt_embeds: Tensor | None = None,
     negative_pooled_prompt_embeds: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     latent_shape: tuple[int, int, int] | None = None,
     noise: Tensor | None = None,
 ) -> Tensor:
@@ -191,7 +194,9 @@ def sample_latents(
     negative embeddings (batch 1 or N). ``latent_shape`` defaults to SD3's VAE factor 8 applied to
     ``config.height``/``width``. The caller's scheduler is not mutated (a deep copy steps).
     ``noise`` (``[N, *latent_shape]``) replaces the initial Gaussian draw, so callers can make
-    each sample's noise depend on its own seed (results independent of batching / world size).
+    each sample's noise depend on its own seed (results independent of batching / world size);
+    a LIST of N generators does the same for the SDE's per-step noise (each sample draws from its
+    own, as diffusers' ``randn_tensor`` does with a list).
     """
     n = prompt_embeds.shape[0]
     if pooled_prompt_embeds.shape[0] != n:
@@ -256,7 +261,8 @@ def sample_latents(
                 v, latents, sigmas[i], sigmas[i + 1], sigmas[1], config.noise_level, generator
             )
         else:
-            latents = sched.step(v, t, latents, generator=generator, return_dict=False)[0]
+            one = generator if isinstance(generator, torch.Generator) else None
+            latents = sched.step(v, t, latents, generator=one, return_dict=False)[0]
     return latents.float()
 
 
@@ -283,7 +289,7 @@ def rollout(
     config: RolloutConfig,
     negative_prompt_embeds: Tensor | None = None,
     negative_pooled_prompt_embeds: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: Tensor | None = None,
 ) -> RolloutOutput:
     """Sample latents at ``config.height x config.width`` and decode them (no grad)."""

@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--balancer", default="marble")
     parser.add_argument("--timesteps_per_image", type=int, default=1)
     parser.add_argument("--micro_batch_size", type=int, default=None)
+    parser.add_argument("--noise_level", type=float, default=0.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -66,6 +67,7 @@ def main() -> None:
         balancer=args.balancer,
         timesteps_per_image=args.timesteps_per_image,
         micro_batch_size=args.micro_batch_size,
+        noise_level=args.noise_level,
         lora_rank=4,
         lora_alpha=8.0,
         num_inference_steps=3,

@@ -65,8 +65,10 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
         # The tapped per-sample gradients: exact per-reward gradients all-reduced as in
         # `parameters` space, so the global Gram equals the single process's.
         ("gramian", {"timesteps_per_image": 2, "micro_batch_size": 4}),
+        # SDE rollouts: every sample's step noise has its own generator (global index).
+        ("gramian", {"noise_level": 0.7}),
     ],
-    ids=["output", "parameters", "output-micro-batches", "gramian-micro-batches"],
+    ids=["output", "parameters", "output-micro-batches", "gramian-micro-batches", "gramian-sde"],
 )
 def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_path, space, recipe):
     common = {"model": tiny_sd3_path, "space": space, "steps": 2, "advantage_std": "group"}

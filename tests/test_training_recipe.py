@@ -210,8 +210,10 @@ def test_lagged_balance_applies_earlier_coefficients_and_saves_the_extra_forward
     assert per_step == [9, 9, 6]
 
 
-def test_chunked_rollout_equals_one_call(tiny_sd3_path):
-    module = make_module(tiny_sd3_path)
+@pytest.mark.parametrize("noise_level", [0.0, 0.7], ids=["ode", "sde"])
+def test_chunked_rollout_equals_one_call(tiny_sd3_path, noise_level):
+    """Every sample's draws (initial and SDE step noise) come from its own generator."""
+    module = make_module(tiny_sd3_path, noise_level=noise_level)
     module.configure_model()
     prompts = read_prompts(PROMPTS)[:5]
     whole = module.rollout_batch(prompts)
