@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -17,6 +18,8 @@ from marble_pl.errors import ConfigError, MarbleUserError
 __all__ = [
     "EpochSeededSampler",
     "GroupCollate",
+    "IndexedCollate",
+    "IndexedPromptDataset",
     "PromptDataModule",
     "PromptDataset",
     "PromptFileError",
@@ -150,6 +153,29 @@ class PromptDataset(Dataset[str]):
         return self.prompts[index]
 
 
+class IndexedPromptDataset(PromptDataset):
+    """Prompts with their position in the file: ``(index, prompt)``, the validation samples' seeds."""
+
+    def __getitem__(self, index: int) -> tuple[int, str]:  # type: ignore[override]
+        return index, self.prompts[index]
+
+
+class IndexedCollate:
+    """Collate ``(index, prompt)`` items: one image per prompt, and each prompt's file index.
+
+    Returns ``{"prompts", "group_ids", "indices"}``; ``indices`` seeds each validation sample, so
+    its image does not depend on the batch it lands in nor on the data-parallel split.
+    """
+
+    def __call__(self, items: Sequence[tuple[int, str]]) -> PromptBatch:
+        indices = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return {
+            "prompts": [p for _, p in items],
+            "group_ids": torch.arange(len(items), dtype=torch.long),
+            "indices": indices,
+        }
+
+
 class GroupCollate:
     """Collate B prompts into B*G rollouts: each prompt repeated G times, consecutively.
 
@@ -277,7 +303,7 @@ class PromptDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.val_batch_size = val_batch_size or batch_size * group_size
         self.train_dataset: PromptDataset | None = None
-        self.val_dataset: PromptDataset | None = None
+        self.val_dataset: IndexedPromptDataset | None = None
 
     def setup(self, stage: str) -> None:
         """Read the prompt files the stage needs; fail early if there are fewer than B prompts.
@@ -295,7 +321,7 @@ class PromptDataModule(LightningDataModule):
                 )
             self.train_dataset = PromptDataset(prompts)
         if stage in ("fit", "validate") and self.val_file is not None and self.val_dataset is None:
-            self.val_dataset = PromptDataset(self._read("data.val_file", self.val_file))
+            self.val_dataset = IndexedPromptDataset(self._read("data.val_file", self.val_file))
 
     def _read(self, setting: str, path: str) -> list[str]:
         """:func:`read_prompts`, its error prefixed with the setting that names the file."""
@@ -325,7 +351,12 @@ class PromptDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader[str] | list[DataLoader[str]]:
-        """Each validation prompt once, in file order; `[]` (no validation) without a val_file."""
+        """Each validation prompt once, in file order; `[]` (no validation) without a val_file.
+
+        Under data parallelism each rank takes every `world_size`-th prompt and NO prompt is
+        repeated (Lightning's default DistributedSampler pads the last round with repeats, which
+        would count them twice in `val/reward/*`): the metrics are those of one process.
+        """
         if self.val_file is None:
             return []
         if self.val_dataset is None:
@@ -334,8 +365,25 @@ class PromptDataModule(LightningDataModule):
             self.val_dataset,
             batch_size=self.val_batch_size,
             shuffle=False,
+            sampler=self._val_sampler(),
             drop_last=False,
-            collate_fn=GroupCollate(1),
+            collate_fn=IndexedCollate(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _val_sampler(self) -> UnrepeatedDistributedSampler | None:
+        """This rank's share of the validation prompts, unpadded; None on one process."""
+        trainer = self.trainer  # set by Lightning; None outside a Trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1:
+            return None
+        if len(self.val_dataset) < world:
+            raise ConfigError(
+                f"data.val_file {self.val_file!r} holds {len(self.val_dataset)} prompts, fewer "
+                f"than the {world} data-parallel processes: add prompts to it (at least {world}) "
+                "or set data.val_file: null"
+            )
+        return UnrepeatedDistributedSampler(
+            self.val_dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False
         )

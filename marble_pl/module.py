@@ -1193,18 +1193,36 @@ class MarbleModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Score the trained policy on fixed prompts and seeds: ``val/reward/<name>``.
 
-        Means are torchmetrics ``MeanMetric`` states, so they are exact over all batches and
-        all data-parallel ranks, whatever the batch sizes.
+        Each image's noise comes from its own generator, seeded by the prompt's index in the
+        validation file (``batch["indices"]``), so an image does not depend on the batch it is
+        in nor on the data-parallel split. Means are torchmetrics ``MeanMetric`` states: exact
+        over all batches and ranks (the data module shards the prompts without repeats).
         """
         prompts = batch["prompts"]
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.seed + 7919 * batch_idx)
-        out = self.sample(prompts, gen, adapter=self.eval_adapter, config=self.eval_rollout_config)
+        indices = batch.get("indices")
+        if indices is None:  # a data module without indices: consecutive batches of equal size
+            indices = torch.arange(len(prompts)) + batch_idx * len(prompts)
+        out = self.sample(
+            prompts,
+            self.validation_generators(indices),
+            adapter=self.eval_adapter,
+            config=self.eval_rollout_config,
+        )
         rewards = self.score(out.images, prompts)
         for k, name in enumerate(self.reward_names):
             metric = self.val_rewards[_metric_key(name)]
             values = rewards[:, k]
             metric.update(values[values.isfinite()])
             self.log(f"val/reward/{name}", metric, on_step=False, on_epoch=True)
+
+    def validation_generators(self, indices: Tensor) -> list[torch.Generator]:
+        """One CPU generator per validation prompt, seeded by ``(seed, prompt index)`` only.
+
+        The same prompt gets the same noise at every validation, so ``val/reward`` moves only
+        when the policy does.
+        """
+        base = (self.hparams.seed * 1_000_003 + 7919) % (2**31)
+        return [torch.Generator(device="cpu").manual_seed(base * 2**31 + int(i)) for i in indices]
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,12 +1,14 @@
 """Run a few tiny MARBLE steps (used by test_distributed.py, once with DDP and once without).
 
-Saves, from every rank, the applied coefficients of each step and the final LoRA weights.
+Saves, from every rank, the applied coefficients of each step and the final LoRA weights (and,
+with ``--val_prompts``, the validation metrics of the starting policy, measured before training).
 Lightning's DDP launcher re-executes this script for the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ class Record(Callback):
         self.grams: list[torch.Tensor | None] = []
         self.r: list[torch.Tensor] = []
         self.r_train: list[torch.Tensor] = []
+        self.rewards: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.raw.append(pl_module.last_step.weights_raw.tolist())
@@ -35,6 +38,7 @@ class Record(Callback):
         self.grams.append(None if gram is None else gram.clone())
         self.r.append(pl_module.last_step.r.clone())
         self.r_train.append(pl_module.last_step.r_train.clone())
+        self.rewards.append(pl_module.last_step.rewards.clone())
 
 
 def main() -> None:
@@ -50,24 +54,29 @@ def main() -> None:
     parser.add_argument("--timesteps_per_image", type=int, default=1)
     parser.add_argument("--micro_batch_size", type=int, default=None)
     parser.add_argument("--noise_level", type=float, default=0.0)
+    parser.add_argument("--rollout_chunk_size", type=int, default=None)
+    parser.add_argument("--rewards_json", default=None, help="a JSON list of reward specs")
+    parser.add_argument("--val_prompts", default=None)
+    parser.add_argument("--val_batch_size", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     seed_everything(0)
+    # Smooth rewards by default: JPEG size (compressibility) jumps on 1-ulp image changes.
+    rewards = ["brightness", "saturation", "contrast"]
+    if args.rewards_json:
+        rewards = json.loads(Path(args.rewards_json).read_text())
     module = MarbleModule(
         pretrained_model_name_or_path=args.model,
         local_files_only=True,
-        rewards=[
-            "brightness",
-            "saturation",
-            "contrast",
-        ],  # smooth: JPEG size jumps on 1-ulp changes
+        rewards=rewards,
         gradient_space=args.space,
         advantage_std=args.advantage_std,
         balancer=args.balancer,
         timesteps_per_image=args.timesteps_per_image,
         micro_batch_size=args.micro_batch_size,
         noise_level=args.noise_level,
+        rollout_chunk_size=args.rollout_chunk_size,
         lora_rank=4,
         lora_alpha=8.0,
         num_inference_steps=3,
@@ -94,8 +103,21 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[record],
+        num_sanity_val_steps=0,
     )
-    data = PromptDataModule(args.prompts, batch_size=args.batch_size, group_size=3, shuffle=False)
+    data = PromptDataModule(
+        args.prompts,
+        args.val_prompts,
+        batch_size=args.batch_size,
+        group_size=3,
+        shuffle=False,
+        val_batch_size=args.val_batch_size,
+    )
+    val: dict[str, float] = {}
+    if args.val_prompts:  # the starting policy's validation metrics (synced over the ranks)
+        trainer.validate(module, datamodule=data, verbose=False)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        data.val_file = None  # training then runs without validation (val_dataloader: [])
     trainer.fit(module, data)
     lora = {k: v.detach().clone() for k, v in module.named_parameters() if "lora_" in k}
     torch.save(
@@ -106,6 +128,9 @@ def main() -> None:
             "grams": record.grams,
             "r": record.r,
             "r_train": record.r_train,
+            "rewards": record.rewards,
+            "reward_names": module.reward_names,
+            "val": val,
             "lora": lora,
         },
         Path(args.out) / f"rank{trainer.global_rank}.pt",

@@ -212,7 +212,30 @@ def test_val_batches_and_no_val_file(tmp_path: Path) -> None:
     batches = list(dm.val_dataloader())
     assert [b["prompts"] for b in batches] == [["v0", "v1", "v2"], ["v3", "v4"]]
     assert batches[1]["group_ids"].tolist() == [0, 1]
+    assert [b["indices"].tolist() for b in batches] == [[0, 1, 2], [3, 4]]
     assert PromptDataModule(str(train), prompt_key="text").val_dataloader() == []
+
+
+class _Rank:
+    """What the data module reads of a Trainer under data parallelism."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.global_rank, self.world_size = rank, world
+
+
+def test_val_prompts_are_sharded_without_repeats(tmp_path: Path) -> None:
+    """5 prompts on 2 ranks: 3 + 2, each once (Lightning's DistributedSampler would pad to 6)."""
+    val = _prompts_file(tmp_path, 5)
+    seen = []
+    for rank in (0, 1):
+        dm = PromptDataModule(str(tmp_path / "unused.txt"), str(val), val_batch_size=2)
+        dm.setup("validate")
+        dm.trainer = _Rank(rank, 2)
+        seen.append([i for b in dm.val_dataloader() for i in b["indices"].tolist()])
+    assert seen == [[0, 2, 4], [1, 3]]
+    dm.trainer = _Rank(0, 6)  # fewer prompts than processes: named, with the fix
+    with pytest.raises(ConfigError, match="5 prompts, fewer than the 6 data-parallel"):
+        dm.val_dataloader()
 
 
 def test_setup_validate_reads_only_val(tmp_path: Path) -> None:

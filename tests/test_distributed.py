@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,8 +15,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from test_reward_models import build_reward_weights, specs
 
 from marble_pl.models import tiny_sd3_is_complete
+from marble_pl.rewards import available_rewards
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_run.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +47,8 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
     ddp_file.write_text("\n".join(PROMPTS) + "\n")
     ddp = run(tmp_path, "ddp", prompts=ddp_file, devices=2, batch_size=2, **common)
     dealt = [torch.load(ddp / f"rank{i}.pt")["prompts"] for i in (0, 1)]
-    order = [p for step in range(2) for rank in (0, 1) for p in dealt[rank][step][::3]]
+    steps = len(dealt[0])
+    order = [p for step in range(steps) for rank in (0, 1) for p in dealt[rank][step][::3]]
     single_file = tmp_path / "single.txt"
     single_file.write_text("\n".join(order) + "\n")
     single = run(tmp_path, "single", prompts=single_file, devices=1, batch_size=4, **common)
@@ -109,6 +113,47 @@ def test_global_advantage_std_spans_the_ranks(tmp_path, tiny_sd3_path, balancer)
         assert not torch.all(rows == 0.5)  # a real signal, not all neutral
         trained = torch.cat([r0["r_train"][step], r1["r_train"][step]])  # weighted_sum: R @ w
         torch.testing.assert_close(trained, ref["r_train"][step], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(r0["applied"]), torch.tensor(ref["applied"]), atol=1e-4, rtol=1e-4
+    )
+    for key, value in ref["lora"].items():
+        torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_equals_one_process_with_every_shipped_reward_and_validation(tmp_path, tiny_sd3_path):
+    """All nine registered rewards (the five pretrained ones on tiny weights), trained and
+    validated under 2-process DDP, give the 1-process run's rewards, ``val/reward/*``, balance
+    and LoRA. Rollouts in chunks of one rank's batch and validation images one at a time make
+    every image bitwise the same in both runs, so the JPEG-size reward (a step function of the
+    pixels) must agree exactly too.
+    """
+    pretrained = specs(build_reward_weights(tmp_path / "reward_weights"))
+    rewards = ["brightness", "saturation", "contrast", "compressibility", *pretrained.values()]
+    rewards_json = tmp_path / "rewards.json"
+    rewards_json.write_text(json.dumps(rewards))
+    val_file = tmp_path / "val.txt"  # 5 prompts on 2 ranks: 3 + 2, none repeated
+    val_file.write_text(
+        "".join(f"a {c} vase on a table\n" for c in ("red", "blue", "green", "gray", "pink"))
+    )
+    common = {"model": tiny_sd3_path, "space": "gramian", "steps": 1, "advantage_std": "global"}
+    common.update(rewards_json=rewards_json, rollout_chunk_size=6, val_prompts=val_file)
+    common.update(val_batch_size=1)
+    r0, r1, ref, _ = ddp_and_single(tmp_path, **common)
+    names = ref["reward_names"]
+    assert sorted(names) == sorted(available_rewards()), "every shipped reward, and only those"
+    rows = torch.cat([r0["rewards"][0], r1["rewards"][0]])  # [12, 9], global sample order
+    assert rows.shape == ref["rewards"][0].shape == (12, 9) and torch.isfinite(rows).all()
+    jpeg = names.index("compressibility")
+    assert torch.equal(rows[:, jpeg], ref["rewards"][0][:, jpeg])
+    torch.testing.assert_close(rows, ref["rewards"][0], atol=1e-5, rtol=1e-5)
+    # val/reward/<name>: the 5 prompts' mean, the same on both ranks and equal to one process's.
+    assert sorted(ref["val"]) == sorted(f"val/reward/{n}" for n in names)
+    assert r0["val"] == r1["val"]
+    for key, value in ref["val"].items():
+        assert r0["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     torch.testing.assert_close(
         torch.tensor(r0["applied"]), torch.tensor(ref["applied"]), atol=1e-4, rtol=1e-4
     )

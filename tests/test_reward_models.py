@@ -246,7 +246,12 @@ def tiny_bert_tokenizer() -> BertTokenizer:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """All tiny weights, in their real formats, built once for the module."""
-    root = tmp_path_factory.mktemp("reward_weights")
+    return build_reward_weights(tmp_path_factory.mktemp("reward_weights"))
+
+
+def build_reward_weights(root: Path) -> dict[str, object]:
+    """Tiny random weights of the five reward models, saved under ``root`` in their real formats."""
+    root.mkdir(parents=True, exist_ok=True)
     out: dict[str, object] = {}
 
     out["clip"] = clip = tiny_clip(seed=1)
