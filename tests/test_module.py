@@ -51,6 +51,17 @@ def fit(module: MarbleModule, steps: int = 1, callbacks=None) -> Trainer:
     return trainer
 
 
+def randomise_lora_b(module: MarbleModule) -> None:
+    """Seeded LoRA (A from peft, B drawn here): v_theta != base, the same in any test order."""
+    torch.manual_seed(0)  # peft draws LoRA A from the global RNG: any test order
+    module.configure_model()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if "lora_B.default" in name:
+                p.normal_(0, 0.05, generator=gen)
+
+
 def snapshot(module: MarbleModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
@@ -138,9 +149,58 @@ def test_output_mode_uses_raw_coefficients_without_callback(tiny_sd3_path):
     assert rec.balance is not None and rec.balance.status == "solved"
 
 
+class UpdateSpy(Callback):
+    """Before the update: the LoRA weights, the ``r`` applied, and the exact NFT gradient of the
+    step's loss at ``r_fn(ctx)`` (an independent recomputation of the ``r`` to train on)."""
+
+    def __init__(self, r_fn) -> None:
+        self.r_fn = r_fn
+
+    def on_marble_gradients(self, trainer, pl_module, ctx) -> None:
+        self.before = flat_lora(pl_module)
+        self.r_applied = ctx.r_applied.detach().clone()
+        self.r_expected = self.r_fn(pl_module, ctx)
+        self.grad = ctx.param_grads(self.r_expected[:, None].to(ctx.r.dtype))[0]
+
+
+def flat_lora(module: MarbleModule) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.lora_params])
+
+
+def r_of_combined_reward(module: MarbleModule, ctx, w) -> torch.Tensor:
+    """DiffusionNFT's optimality probability of ONE reward ``R @ w`` (group mean, batch std).
+
+    Non-finite scores of a reward with ``w_k > 0`` make the sample neutral (``r = 0.5``) after
+    taking their group's mean of the finite scores."""
+    hp = module.hparams
+    rewards, groups = ctx.rewards.double(), ctx.group_ids
+    w = torch.as_tensor(w, dtype=torch.float64)
+    bad = ~torch.isfinite(rewards)
+    for k in range(rewards.shape[1]):
+        for i in torch.nonzero(bad[:, k]).flatten().tolist():
+            same = (groups == groups[i]) & ~bad[:, k]
+            rewards[i, k] = rewards[same, k].mean()
+    s = rewards @ w
+    means = torch.stack([s[groups == g].mean() for g in groups.tolist()])
+    adv = (s - means) / (s.std(unbiased=False) + hp.advantage_eps)
+    r = 0.5 + 0.5 * adv.clamp(-hp.a_max, hp.a_max) / hp.a_max
+    return torch.where(bad[:, w > 0].any(1), torch.full_like(r, 0.5), r)
+
+
+def assert_trained_on(module: MarbleModule, spy: UpdateSpy, lr: float = 0.5) -> None:
+    """The step applied ``r_expected`` and moved the LoRA by ``-lr * grad`` (plain SGD)."""
+    # float32 in the module (group means of close rewards): agreement to ~2e-6 measured
+    torch.testing.assert_close(spy.r_applied.double(), spy.r_expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(spy.r_expected, torch.full_like(spy.r_expected, 0.5))
+    delta = flat_lora(module) - spy.before
+    torch.testing.assert_close(delta, -lr * spy.grad, atol=1e-7, rtol=1e-4)
+
+
 @pytest.mark.parametrize("balancer", ["weighted_sum", "single"])
 @pytest.mark.parametrize("space", ["output", "parameters"])
-def test_baselines_run_through_the_same_module(tiny_sd3_path, balancer, space):
+def test_baselines_train_on_the_combined_reward(tiny_sd3_path, balancer, space):
+    """The baselines' ONE update is the NFT gradient at ``r`` of ``R @ w`` (``w`` one-hot for
+    ``single``), recomputed here from the step's rewards."""
     module = make_module(
         tiny_sd3_path,
         balancer=balancer,
@@ -148,12 +208,14 @@ def test_baselines_run_through_the_same_module(tiny_sd3_path, balancer, space):
         reward_weights=[1.0, 2.0, 1.0],
         single_reward=1,
     )
-    fit(module, steps=1)
+    randomise_lora_b(module)
+    w = [0.25, 0.5, 0.25] if balancer == "weighted_sum" else [0.0, 1.0, 0.0]
+    spy = UpdateSpy(lambda m, ctx: r_of_combined_reward(m, ctx, w))
+    fit(module, steps=1, callbacks=[spy])
     rec = module.last_step
     assert rec.r_train.shape[1] == 1 and rec.r.shape[1] == 3 and rec.balance is None
-    weights = module.effective_weights(rec.weights)
-    expected = [0.25, 0.5, 0.25] if balancer == "weighted_sum" else [0.0, 1.0, 0.0]
-    np.testing.assert_allclose(weights, expected)
+    np.testing.assert_allclose(module.effective_weights(rec.weights), w)
+    assert_trained_on(module, spy)
 
 
 @register_reward("test_nan_on_first")
@@ -180,6 +242,30 @@ def test_nonfinite_reward_dropped_and_counted(tiny_sd3_path):
     rec = module.last_step
     assert module.counters["nonfinite_rewards"] == 1
     assert rec.r[0, 1] == 0.5 and torch.isfinite(rec.r).all()
+
+
+@pytest.mark.parametrize(
+    ("balancer", "w"), [("weighted_sum", [0.5, 0.25, 0.25]), ("single", [1.0, 0.0, 0.0])]
+)
+def test_nonfinite_reward_dropped_under_the_baselines(tiny_sd3_path, balancer, w):
+    """``nonfinite_rewards: drop`` with one estimator on ``R @ w``: the NaN score takes its
+    group's mean; the sample is neutral (``r = 0.5``) only if its bad reward has ``w_k > 0``."""
+    module = make_module(
+        tiny_sd3_path,
+        rewards=["brightness", "test_nan_on_first", "saturation"],
+        nonfinite_rewards="drop",
+        balancer=balancer,
+        reward_weights=[2.0, 1.0, 1.0],
+        single_reward=0,
+        gradient_space="parameters",
+    )
+    randomise_lora_b(module)
+    spy = UpdateSpy(lambda m, ctx: r_of_combined_reward(m, ctx, w))
+    fit(module, steps=1, callbacks=[spy])
+    assert module.counters["nonfinite_rewards"] == 1
+    assert torch.isnan(module.last_step.rewards[0, 1])
+    assert (spy.r_applied[0] == 0.5) == (balancer == "weighted_sum")
+    assert_trained_on(module, spy)
 
 
 @pytest.mark.parametrize(
