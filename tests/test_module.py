@@ -51,15 +51,20 @@ def fit(module: MarbleModule, steps: int = 1, callbacks=None) -> Trainer:
     return trainer
 
 
-def randomise_lora_b(module: MarbleModule) -> None:
-    """Seeded LoRA (A from peft, B drawn here): v_theta != base, the same in any test order."""
+def randomise_lora_b(module: MarbleModule, adapters: tuple[str, ...] = ("default",)) -> None:
+    """Seeded LoRA (A from peft, B drawn here): v_theta != base, the same in any test order.
+
+    The trained adapter's B is drawn; every other adapter named gets the same values."""
     torch.manual_seed(0)  # peft draws LoRA A from the global RNG: any test order
     module.configure_model()
     gen = torch.Generator().manual_seed(0)
+    params = dict(module.named_parameters())
     with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
+        for name in sorted(params):
             if "lora_B.default" in name:
-                p.normal_(0, 0.05, generator=gen)
+                params[name].normal_(0, 0.05, generator=gen)
+                for adapter in adapters:
+                    params[name.replace(".default.", f".{adapter}.")].copy_(params[name])
 
 
 def snapshot(module: MarbleModule) -> dict[str, torch.Tensor]:

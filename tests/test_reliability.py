@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from marble_pl.callbacks import CoefficientEMA, GradientCosineMonitor, PreemptionSignal
-from test_module import PROMPTS, fit, make_module
+from test_module import PROMPTS, fit, make_module, randomise_lora_b
 
 from marble_pl.balance import MinNormSolver
 from marble_pl.data import PromptDataModule
@@ -177,23 +177,57 @@ class Constant(Reward):
         return torch.zeros(images.shape[0])
 
 
+def _lora(module: MarbleModule, adapter: str) -> dict[str, torch.Tensor]:
+    return {
+        k.replace(f".{adapter}.", "."): v.detach().clone()
+        for k, v in module.named_parameters()
+        if f"lora_A.{adapter}." in k or f"lora_B.{adapter}." in k
+    }
+
+
 @pytest.mark.parametrize("space", ["output", "parameters"])
 def test_all_zero_gradients_skip_the_update(tiny_sd3_path, space):
+    """Constant rewards (r = 0.5 everywhere) while v_theta == v_old (both adapters start
+    equal): every gradient is exactly zero and the step is skipped, weight decay included
+    (AdamW would otherwise shrink the LoRA by lr * weight_decay)."""
     module = make_module(
         tiny_sd3_path,
         rewards=["test_constant", {"name": "test_constant", "alias": "constant2"}],
         gradient_space=space,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.5),
     )
-    module.configure_model()
-    before = {k: v.detach().clone() for k, v in module.named_parameters() if "lora_" in k}
+    randomise_lora_b(module, adapters=("default", "old"))  # the same values in both adapters
+    before, old = _lora(module, "default"), _lora(module, "old")
+    assert all(torch.equal(v, old[k]) for k, v in before.items())  # v_theta == v_old
     fit(module, steps=2)
     assert module.counters["skipped_zero_grad"] == 2
     if space == "parameters":  # exact zeros (the output-space Gram is round-off, ~1e-16)
         assert module.last_step.balance.status == "zero_gram"
     assert module.trainer.global_step == 2  # skipped steps still count towards max_steps
-    for k, v in module.named_parameters():
-        if "lora_" in k:
-            assert torch.equal(before[k], v), k
+    after = _lora(module, "default")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("space", ["output", "parameters"])
+def test_neutral_rewards_still_pull_v_theta_to_v_old(tiny_sd3_path, space):
+    """r = 0.5 is no REWARD push, not no update: with v_theta != v_old the NFT loss at r = 0.5
+    is beta^2 ||v_theta - v_old||^2 up to a constant, so the step is taken, towards v_old."""
+    module = make_module(
+        tiny_sd3_path,
+        rewards=["test_constant", {"name": "test_constant", "alias": "constant2"}],
+        gradient_space=space,
+        old_policy_decay=1.0,  # v_old stays where it is: the pull has a fixed target
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+    )
+    randomise_lora_b(module)  # only the trained adapter: v_theta != v_old
+    before, old = _lora(module, "default"), _lora(module, "old")
+    fit(module, steps=1)
+    after = _lora(module, "default")
+    assert module.counters["skipped_zero_grad"] == 0
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    step = torch.cat([(after[k] - before[k]).flatten() for k in before])
+    towards_old = torch.cat([(old[k] - before[k]).flatten() for k in before])
+    assert float(step @ towards_old) > 0  # the LoRA moved towards the sampling adapter
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(tiny_sd3_path, monkeypatch):
