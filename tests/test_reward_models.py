@@ -591,11 +591,18 @@ def test_offload_to_cpu_scores_and_parks_on_cpu(weights):
 @pytest.mark.parametrize("name", ["hpsv2", "aesthetic"])
 def test_bfloat16_weights_score_in_float32(weights, name):
     reward = build_reward(dict(specs(weights)[name], dtype="bfloat16"))
-    x = images()
-    scores = reward(x, PROMPTS)
+    x = images(n=8)
+    scores = reward(x, PROMPTS * 2)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    reference = direct(name, weights, x, PROMPTS)
-    assert (scores - reference).abs().max() < 0.1 * (reference.abs().max() + 1)
+    kept_float32 = {"aesthetic": "head."}.get(name)  # the MLP head runs in float32 (authors')
+    for n, p in reward.scorer.named_parameters():
+        float32 = kept_float32 is not None and n.startswith(kept_float32)
+        assert p.dtype == (torch.float32 if float32 else torch.bfloat16), n
+    reference = direct(name, weights, x, PROMPTS * 2)
+    # bf16 keeps 8 significant bits (2^-9 relative rounding per operation): measured 1.4e-3
+    # (hpsv2) and 1.9e-4 (aesthetic) of scores of magnitude ~0.14; float32 weights give ~1e-7.
+    err = (scores - reference).abs().max().item()
+    assert 1e-6 < err < 2e-2 * reference.abs().max().item()
 
 
 def test_an_enclosing_autocast_does_not_change_the_configured_dtype(weights):
