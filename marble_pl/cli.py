@@ -55,6 +55,24 @@ def _class_path(spec: Any) -> str:
     return type(spec).__module__ + "." + type(spec).__qualname__
 
 
+def check_shared_settings(cfg: Namespace) -> None:
+    """A setting both the model and the data module take (``seed``) must have one value.
+
+    Lightning logs the two classes' hyperparameters as one set and stops with a stack trace,
+    after the models are loaded, when a shared key has two values.
+    """
+    model, data = cfg.get("model"), cfg.get("data")
+    if not isinstance(model, Namespace) or not isinstance(data, Namespace):
+        return
+    for key in sorted(set(model.keys()) & set(data.keys())):
+        if "." not in key and model.get(key) != data.get(key):
+            raise ConfigError(
+                f"model.{key} ({model.get(key)!r}) and data.{key} ({data.get(key)!r}) differ: "
+                f"the logger records both as the one hyperparameter {key!r}; give them the "
+                f"same value (e.g. --model.{key}={data.get(key)!r})"
+            )
+
+
 class MarbleCLI(LightningCLI):
     """``LightningCLI`` with marble-pl's module, data module, resume rules and progress bar."""
 
@@ -114,6 +132,7 @@ class MarbleCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
+        check_shared_settings(self.config[subcommand])
         trainer = self.config[subcommand].trainer
         root = run_root(trainer.get("logger"), trainer.get("default_root_dir"))
         check_run_folder(root if root is not None else trainer.get("default_root_dir") or ".")

@@ -100,6 +100,7 @@ def _write(path: Path, data: bytes) -> str:
         ("--model.resolution=0", ["model.resolution must be a positive"]),
         ("--model.beta=2", ["model.beta must be in (0, 1]"]),
         ("--model.num_inference_steps=0", ["model.num_inference_steps"]),
+        ("--data.seed=3", ["model.seed (0) and data.seed (3) differ", "--model.seed=3"]),
     ],
 )
 def test_bad_setting_is_one_line_before_loading(marble_error, override, expected):
