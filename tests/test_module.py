@@ -349,3 +349,42 @@ def test_detail_metrics_reach_the_logger_on_its_steps_only(tiny_sd3_path):
     assert all({f"reward/{n}/mean" for n in module.reward_names} <= keys for keys in seen)
     assert len(seen) == 4
     assert stored[0] is False  # step 1 is not a logging step: its details were not assembled
+
+
+class BalanceSpy(Callback):
+    """The step's per-reward gradients, losses and ``lambda*`` as the balancer received them."""
+
+    def on_marble_gradients(self, trainer, pl_module, ctx) -> None:
+        self.grads = ctx.grads.double().clone()
+        self.losses = ctx.losses.double().clone()
+        self.weights_raw = np.asarray(ctx.weights_raw, dtype=np.float64)
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss"])
+def test_normalization_through_the_module(tiny_sd3_path, normalization):
+    """``lambda*`` is the min-norm point of ``{g_k / s_k}`` (Frank-Wolfe here, not OSQP) mapped
+    back to the raw gradients: ``lambda_k ∝ w_k / s_k``, with ``s_k = ||g_k||`` (l2) or the
+    reward's loss (loss)."""
+    from marble_pl.balance import frank_wolfe_min_norm
+
+    module = make_module(tiny_sd3_path, gradient_space="parameters", normalization=normalization)
+    randomise_lora_b(module)
+    spy = BalanceSpy()
+    fit(module, steps=1, callbacks=[spy])
+    g = spy.grads
+    s = {
+        "none": torch.ones(g.shape[0], dtype=torch.float64),
+        "l2": g.norm(dim=1),
+        "loss": spy.losses.abs(),
+    }[normalization]
+    gn = g / s[:, None]
+    m = (gn @ gn.T).numpy()
+    w = frank_wolfe_min_norm(m / np.trace(m), tol=1e-18)
+    lam = w / s.numpy()
+    lam = lam / lam.sum()
+    np.testing.assert_allclose(spy.weights_raw, lam, atol=1e-6)  # measured <= 1.4e-11
+    np.testing.assert_allclose(module.last_step.weights_raw, spy.weights_raw)
+    m_raw = (g @ g.T).numpy()
+    lam_none = frank_wolfe_min_norm(m_raw / np.trace(m_raw), tol=1e-18)
+    # The normalisation matters here: lambda moves by 0.63 (l2) and 0.058 (loss) from none's.
+    assert (np.abs(lam - lam_none).max() > 1e-2) == (normalization != "none")
