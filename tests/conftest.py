@@ -21,3 +21,17 @@ def tiny_sd3_t5_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from marble_pl.models import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_t5"), seed=0, with_t5=True)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs() -> None:
+    """Every test starts from the same global RNG state (torch, numpy, random), so its draws
+    (peft's LoRA A, an unseeded ``randn``) do not depend on which tests ran before it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
