@@ -6,9 +6,12 @@ Six variants of the real ``MarbleModule.training_step`` on the same model and pr
 ``gramian`` space (exact, two backwards with per-sample taps) and in ``gramian`` space balanced
 every 4th step (``balance_every_n_steps``; one backward in between). Steps
 are interleaved round-robin (A B C D A B C D ...) after a warm-up, so machine noise hits every
-variant alike, and reported as ratios: ``speed = single_time / variant_time`` (0.98 = 2 %
-slower). The update phase alone (per-reward gradients, balance, backward, optimizer step) is
-reported too: there the balancing overhead is not hidden behind the rollout.
+variant alike, and reported as paired ratios: per round, ``speed = single_time /
+variant_time`` (0.98 = 2 % slower), given as the median [min-max] over the rounds, so the
+spread shows how noisy one figure is. The update phase alone (per-reward gradients, balance,
+backward, optimizer step) is reported the same way: there the balancing overhead is not hidden
+behind the rollout. Per-reward details are assembled every step by default, as both shipped
+configs log (``--log-every-n-steps``); no logger writes and no callbacks run.
 
     python benchmarks/step_time.py                 # tiny random SD3, CPU
     python benchmarks/step_time.py --device cuda --model /path/to/sd3 --resolution 512
@@ -47,9 +50,11 @@ REWARDS_K5: list[Any] = [
     "compressibility",
     {"name": "compressibility", "alias": "compressibility_q50", "quality": 50},
 ]
+# The baselines train in `output` space: ONE backward, as they need no per-reward gradients (a
+# config's `gradient_space: gramian` would make them pay MARBLE's exact per-reward backwards too).
 VARIANTS = {
-    "single": {"balancer": "single", "rewards": REWARDS_K5[:1]},
-    "weighted_sum": {"balancer": "weighted_sum"},
+    "single": {"balancer": "single", "rewards": REWARDS_K5[:1], "gradient_space": "output"},
+    "weighted_sum": {"balancer": "weighted_sum", "gradient_space": "output"},
     "marble_output": {"balancer": "marble", "gradient_space": "output"},
     "marble_parameters": {"balancer": "marble", "gradient_space": "parameters"},
     "marble_gramian": {"balancer": "marble", "gradient_space": "gramian"},
@@ -124,8 +129,9 @@ def build_from_config(
 ) -> tuple[Any, ...]:
     """One variant built exactly as ``marble fit --config`` builds it, plus the variant's switch.
 
-    The config's rewards are kept (``single`` keeps its first one); its trainer, logger and
-    callbacks are not used: every variant gets the same bare timing Trainer.
+    The config's rewards are kept (``single`` keeps its first one) and ``balance_every_n_steps``
+    is the variant's (1 unless it sets one); the config's trainer, logger and callbacks are not
+    used: every variant gets the same bare timing Trainer.
     """
     from marble_pl.cli import MarbleCLI
 
@@ -133,9 +139,11 @@ def build_from_config(
     switch = [f"--model.balancer={overrides['balancer']}"]
     if first_reward is not None:  # `single`, the speed reference: one reward scored and trained
         switch.append(f"--model.rewards={json.dumps([first_reward])}")
-    for key in ("gradient_space", "balance_every_n_steps"):
-        if key in overrides:
-            switch.append(f"--model.{key}={overrides[key]}")
+    # Every variant sets its balance period: 1 unless it says otherwise, so a config's own value
+    # (configs/sd35.yaml: 4) does not turn every MARBLE variant into the amortized one.
+    switch.append(f"--model.balance_every_n_steps={overrides.get('balance_every_n_steps', 1)}")
+    if "gradient_space" in overrides:
+        switch.append(f"--model.gradient_space={overrides['gradient_space']}")
     seed_everything(0)
     cli = MarbleCLI(
         MarbleModule,
@@ -172,19 +180,31 @@ def run_round(variant: tuple[Any, ...], steps: int) -> None:
     trainer.fit(module, data)
 
 
+def paired_ratios(
+    ref_steps: list[dict[str, float]], steps: list[dict[str, float]], key: str
+) -> list[float]:
+    """Per-round ratios ``ref / variant`` of one timing: round i of every variant ran back to back
+    (A B C D A B C D ...), so each ratio compares two steps taken under the same machine load."""
+    return [a[key] / b[key] for a, b in zip(ref_steps, steps, strict=True)]
+
+
 def summarise(
     name: str,
     steps: list[dict[str, float]],
-    ref: dict[str, float],
     ref_steps: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Medians of a variant's timed steps and its ratios to the reference (single)."""
+    """Medians of a variant's timed steps and its paired speed ratios to the reference (single).
+
+    ``speed`` (whole step) and ``update_speed`` (update phase) are the median, min and max over
+    rounds of ``single's time / the variant's time in the same round`` (``ref_steps``: single's
+    steps; without them the variant is its own reference and every ratio is 1).
+    """
 
     def med(key: str) -> float:
         return statistics.median(s[key] for s in steps)
 
     times = sorted(s["step_s"] for s in steps)
-    out = {
+    out: dict[str, Any] = {
         "variant": name,
         "median_step_ms": 1e3 * med("step_s"),
         "p90_step_ms": 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
@@ -193,33 +213,43 @@ def summarise(
         "update_ms": 1e3 * med("update_s"),
         "qp_ms": 1e3 * med("qp_s"),
         "peak_mb": med("peak_mb"),
+        "step_s": [s["step_s"] for s in steps],  # every timed round, in order
+        "update_s": [s["update_s"] for s in steps],
     }
-    out["speed_vs_single"] = ref["median_step_ms"] / out["median_step_ms"] if ref else 1.0
-    # Paired: round i of every variant ran back to back, so the per-round ratio cancels drift.
-    pairs = zip(ref_steps or steps, steps, strict=True)
-    out["speed_paired"] = statistics.median(a["step_s"] / b["step_s"] for a, b in pairs)
-    out["update_speed_vs_single"] = ref["update_ms"] / out["update_ms"] if ref else 1.0
+    ref = ref_steps if ref_steps is not None else steps
+    for prefix, key in (("speed", "step_s"), ("update_speed", "update_s")):
+        ratios = paired_ratios(ref, steps, key)
+        out[f"{prefix}_ratios"] = ratios
+        out[f"{prefix}_median"] = statistics.median(ratios)
+        out[f"{prefix}_min"] = min(ratios)
+        out[f"{prefix}_max"] = max(ratios)
     return out
+
+
+def spread(row: dict[str, Any], prefix: str) -> str:
+    """``median [min-max]`` of a row's paired ratios."""
+    lo, mid, hi = (row[f"{prefix}_{stat}"] for stat in ("min", "median", "max"))
+    return f"{mid:.2f} [{lo:.2f}-{hi:.2f}]"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the summaries."""
-    cols = [
+    cols: list[tuple[str, Any]] = [
         ("variant", "{}"),
         ("median_step_ms", "{:.1f}"),
         ("p90_step_ms", "{:.1f}"),
-        ("speed_vs_single", "{:.3f}"),
-        ("speed_paired", "{:.3f}"),
+        ("speed median [min-max]", lambda r: spread(r, "speed")),
         ("rollout_ms", "{:.1f}"),
         ("reward_ms", "{:.1f}"),
         ("update_ms", "{:.1f}"),
-        ("update_speed_vs_single", "{:.3f}"),
+        ("update speed median [min-max]", lambda r: spread(r, "update_speed")),
         ("qp_ms", "{:.3f}"),
         ("peak_mb", "{:.0f}"),
     ]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[c]) for c, fmt in cols) + " |")
+        cells = [fmt(row) if callable(fmt) else fmt.format(row[c]) for c, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -241,7 +271,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per variant")
     parser.add_argument(
-        "--log-every-n-steps", type=int, default=50, help="Trainer.log_every_n_steps (details)"
+        "--log-every-n-steps",
+        type=int,
+        default=1,
+        help="Trainer.log_every_n_steps: per-reward details assembled on those steps (1, as both "
+        "shipped configs)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
@@ -271,9 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for variant in variants.values():
                 run_round(variant, 1)
 
-    ref = summarise("single", variants["single"][3].steps, {})
     single = variants["single"][3].steps
-    rows = [summarise(n, v[3].steps, ref, single) for n, v in variants.items()]
+    rows = [summarise(n, v[3].steps, single) for n, v in variants.items()]
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"device {args.device}, threads {torch.get_num_threads()}"
@@ -288,12 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{hp.weights_dtype} weights, B={data.batch_size}, G={data.group_size}, "
         f"{hp.resolution}px, {hp.num_inference_steps} sampler steps, K={len(hp.rewards)} rewards "
         f"(single: 1). {args.repeats} interleaved steps per variant after {args.warmup} warm-up. "
-        "speed = single's median step time / the variant's; speed_paired = the median over rounds "
-        "of single's step time / the variant's in the same round. Detail metrics are logged "
-        f"every {args.log_every_n_steps} steps, reward means every step. Peak memory per variant "
-        "is CUDA "
-        "max-allocated; on the CPU the variants share one process, so only the process's max "
-        f"RSS is known: {rss:.0f} MB."
+        "speed = single's step time / the variant's in the same round (paired), median "
+        f"[min-max] over the {args.repeats} rounds; update speed: the same for the update phase "
+        "(per-reward gradients, balance, backward, optimizer step). Per-reward detail metrics are "
+        f"assembled every {args.log_every_n_steps} step(s) (Trainer.log_every_n_steps; both "
+        "shipped configs: 1), reward means every step; no logger writes and no callbacks run (no "
+        "CoefficientEMA, no cosine monitor). Peak memory per variant is CUDA max-allocated; on "
+        "the CPU the variants share one process, so only the process's max RSS is known: "
+        f"{rss:.0f} MB."
     )
     text = f"{table(rows)}\n\n{note}\n"
     print(text)

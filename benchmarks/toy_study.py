@@ -1035,7 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _compact_runs(runs: Sequence[dict[str, Any]], rows: Sequence[Variant]) -> list[dict]:
-    """Per-step reward means, worst cosines and guard flags of every run (for plots later)."""
+    """Per-step reward means, worst cosines, whether every reward had signal, and guard flags
+    of every run: the records the table's fractions are counted from."""
     return [
         {
             "seed": run["seed"],
@@ -1043,7 +1044,9 @@ def _compact_runs(runs: Sequence[dict[str, Any]], rows: Sequence[Variant]) -> li
             **{
                 v.key: {
                     "reward_mean": np.round(np.asarray(run[v.key]["reward_mean"]), 5).tolist(),
-                    "worst_cos": np.round(np.asarray(run[v.key]["cos"]).min(1), 5).tolist(),
+                    # unrounded: the conflict threshold is -NEG_COS_TOL
+                    "worst_cos": np.asarray(run[v.key]["cos"]).min(1).tolist(),
+                    "all_signal": [int(all(s)) for s in run[v.key]["signal"]],
                     "guarded": [int(g) for g in run[v.key]["guarded"]],
                 }
                 for v in rows

@@ -1,6 +1,9 @@
-"""Smoke tests of the benchmark scripts: they run, write their files, and report finite numbers.
-
-No timing or outcome assertions: the benchmarks measure, the tests only check they work.
+"""Smoke tests of the benchmark scripts: they run, write their files, and report what they
+measured. Each printed figure is checked against the measurements it is computed from (the
+per-round timings of the step-time benchmark, the per-step records of the toy study), every
+variant, row and column is checked present, and each fraction is recounted with its one
+denominator. No timing outcome is asserted: the benchmarks measure, the tests check the
+arithmetic and the reporting.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ import importlib.util
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,20 +52,32 @@ def test_qp_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     qp = _load("qp")
     out = tmp_path / "qp.md"
     rows = qp.main(["--smoke", "--out", str(out)])
-    assert out.exists()
-    assert "| K |" in capsys.readouterr().out
-    table = _table_rows(out.read_text())
+    text = out.read_text()
+    assert capsys.readouterr().out == text  # what it printed is what it wrote
+    table = _table_rows(text)
     header, body = table[0], table[2:]
-    assert len(header) == len(qp.COLUMNS) == 11
-    assert [int(r[0]) for r in body] == [2, 5]
-    for r in body:
-        assert len(r) == len(header)
-        values = [float(c) for c in r]
-        assert all(math.isfinite(v) for v in values)
-        assert all(v >= 0 for v in values[2:8])  # times
-    for row in rows:
+    assert header == list(qp.COLUMNS)
+    assert [r.k for r in rows] == [int(r[0]) for r in body] == [2, 5]
+    for row, cells in zip(rows, body, strict=True):
+        # every printed cell is the row's own figure
+        assert cells == [
+            str(row.k),
+            str(row.n),
+            f"{row.cold_median_ms:.3f}",
+            f"{row.cold_p90_ms:.3f}",
+            f"{row.warm_median_ms:.3f}",
+            f"{row.warm_p90_ms:.3f}",
+            f"{row.slsqp_median_ms:.3f}",
+            f"{row.fw_median_ms:.3f}",
+            f"{row.max_rel_gap:.2e}",
+            f"{row.max_diag_gap:.2e}",
+            str(row.fallbacks),
+        ]
+        assert row.n == 2 * 5  # two Gram families x 5 Grams (--smoke)
+        assert 0 < row.cold_median_ms <= row.cold_p90_ms
+        assert 0 < row.warm_median_ms <= row.warm_p90_ms
         assert row.max_rel_gap < 1e-3  # OSQP agrees with SLSQP / Frank-Wolfe
-        assert row.fallbacks >= 0
+        assert row.fallbacks == 0  # the README's "no fallbacks" on ordinary Grams
 
 
 def test_qp_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +97,15 @@ def toy_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, Pat
     return toy, out, result
 
 
+def _pm(mean: float, std: float, fmt: str, std_fmt: str) -> str:
+    return f"{mean:{fmt}} ± {std:{std_fmt}}"
+
+
 def test_toy_study_smoke(toy_smoke: tuple[ModuleType, Path, dict]) -> None:
+    """Every row and column is there, and each fraction in the table is recounted from the
+    run's per-step records (runs.json) with its own denominator: ``worst cos < 0`` over ALL
+    batches, ``worst cos < 0, signal batches`` over the batches where every reward has signal
+    (their number in brackets), ``guard fired`` over all steps."""
     toy, out, result = toy_smoke
     cfg = toy.parse_args(["--smoke"])[0]
     assert cfg.ks == [3, 5] and len(cfg.seeds) == 1
@@ -91,6 +116,7 @@ def test_toy_study_smoke(toy_smoke: tuple[ModuleType, Path, dict]) -> None:
         assert (out / name).exists(), name
     payload = json.loads((out / "results.json").read_text())
     curves = json.loads((out / "runs.json").read_text())
+    denominators_differ = False
     for k in cfg.ks:
         assert (out / f"gains_k{k}.png").stat().st_size > 1000
         rows = toy.variants(cfg.for_k(k))
@@ -103,23 +129,61 @@ def test_toy_study_smoke(toy_smoke: tuple[ModuleType, Path, dict]) -> None:
         assert list(summary["rows"]) == keys
         assert list(payload["summary"][str(k)]["rows"]) == keys
         steps = payload["configs"][str(k)]["steps"]
-        assert len(curves[str(k)][0]["marble/parameters/reset"]["reward_mean"]) == steps
+        seeds = payload["configs"][str(k)]["seeds"]
+        assert [run["seed"] for run in curves[str(k)]] == seeds
 
-        table = _table_rows((out / f"results_k{k}.md").read_text())
-        header, body = table[0], table[2:]
-        assert len(header) == 9 + k
-        assert [r[0] if r[1] == "—" else f"{r[0]}/{r[1]}/{r[2]}" for r in body] == keys
-        for r in body:
-            assert len(r) == len(header)
-            numbers = [x for cell in r[3:] for x in _numbers(cell)]
-            assert len(numbers) >= 2 * (3 + k) and all(math.isfinite(x) for x in numbers)
+        # The fractions, recounted per seed from the per-step records.
         for key, agg in summary["rows"].items():
-            for name in ("frac_neg_worst_cos", "frac_guarded"):
-                assert 0.0 <= agg[name]["mean"] <= 1.0, (key, name)
+            assert len(agg["per_seed"]) == len(seeds)
+            for seed_sum, run in zip(agg["per_seed"], curves[str(k)], strict=True):
+                rec = run[key]
+                worst = np.asarray(rec["worst_cos"])
+                signal = np.asarray(rec["all_signal"], dtype=bool)
+                assert len(worst) == len(signal) == len(rec["guarded"]) == steps, key
+                negative = worst < -toy.NEG_COS_TOL
+                assert seed_sum["frac_neg_worst_cos"] == pytest.approx(negative.sum() / steps), key
+                assert seed_sum["signal_batches"] == signal.sum(), key
+                expected = negative[signal].sum() / signal.sum() if signal.any() else 0.0
+                assert seed_sum["frac_neg_worst_cos_signal"] == pytest.approx(expected), key
+                assert seed_sum["frac_guarded"] == pytest.approx(sum(rec["guarded"]) / steps), key
+                assert seed_sum["min_worst_cos"] == worst.min(), key
+                denominators_differ |= 0 < signal.sum() < steps
+                if agg["ema"] in (None, "none"):
+                    assert not any(rec["guarded"]), key  # no EMA, no guard
+            for name in toy.SCALARS:  # the across-seed mean and std of the per-seed figures
+                vals = [s[name] for s in agg["per_seed"]]
+                assert agg[name]["mean"] == pytest.approx(np.mean(vals), abs=1e-12), (key, name)
+                assert agg[name]["std"] == pytest.approx(np.std(vals), abs=1e-12), (key, name)
             assert len(agg["delta"]["mean"]) == k
             assert all(math.isfinite(x) for x in agg["delta"]["mean"])
-            if agg["ema"] in (None, "none"):
-                assert agg["frac_guarded"]["mean"] == 0.0  # no EMA, no guard
+
+        # The printed table: one row per key, every cell the summary's own figure.
+        table = _table_rows((out / f"results_k{k}.md").read_text())
+        header, body = table[0], table[2:]
+        assert header[3:8] == [
+            "worst cos < 0",
+            "worst cos < 0, signal batches",
+            "median worst cos",
+            "guard fired",
+            "λ change per step (L1)",
+        ]
+        assert len(header) == 9 + k
+        assert [r[0] if r[1] == "—" else f"{r[0]}/{r[1]}/{r[2]}" for r in body] == keys
+        for cells, (key, agg) in zip(body, summary["rows"].items(), strict=True):
+            assert len(cells) == len(header)
+            neg, sig = agg["frac_neg_worst_cos"], agg["frac_neg_worst_cos_signal"]
+            assert cells[3] == _pm(neg["mean"], neg["std"], ".3f", ".3f"), key
+            count = agg["signal_batches"]["mean"]
+            assert cells[4] == _pm(sig["mean"], sig["std"], ".3f", ".3f") + f" [{count:.0f}]", key
+            guard = agg["frac_guarded"]
+            no_guard = agg["space"] is None or agg["ema"] in ("none", "off")
+            assert cells[6] == ("—" if no_guard else _pm(guard["mean"], guard["std"], ".3f", ".3f"))
+            deltas = [_pm(m, s, "+.4f", ".4f") for m, s in zip(*agg["delta"].values(), strict=True)]
+            assert cells[8 : 8 + k] == deltas, key
+            assert cells[-1] == str(agg["seeds_all_rewards_up"]), key
+    # The smoke run has batches where some reward has no signal, so a fraction taken over the
+    # wrong denominator would not go unnoticed above.
+    assert denominators_differ
 
 
 def test_toy_study_gramian_gram_equals_parameters_and_min_norm_never_conflicts(
@@ -167,27 +231,68 @@ def test_toy_study_lora_layers_are_tappable() -> None:
     assert torch.allclose(model.frozen_forward(x, t, prompt), before, atol=1e-6)
 
 
-def test_step_time_smoke(tmp_path):
+def _check_step_time_result(module: ModuleType, result: dict, text: str) -> None:
+    """Every variant is reported, its speed figures are the median / min / max of single's step
+    time over its own in the same round, and every printed cell is the row's own figure."""
+    rows = result["rows"]
+    assert (
+        [row["variant"] for row in rows]
+        == list(module.VARIANTS)
+        == [
+            "single",
+            "weighted_sum",
+            "marble_output",
+            "marble_parameters",
+            "marble_gramian",
+            "marble_gramian_every4",
+        ]
+    )
+    repeats = result["args"]["repeats"]
+    single = rows[0]
+    for row in rows:
+        assert len(row["step_s"]) == len(row["update_s"]) == repeats, row["variant"]
+        assert row["median_step_ms"] == pytest.approx(1e3 * statistics.median(row["step_s"]))
+        assert row["update_ms"] == pytest.approx(1e3 * statistics.median(row["update_s"]))
+        for prefix, key in (("speed", "step_s"), ("update_speed", "update_s")):
+            ratios = [a / b for a, b in zip(single[key], row[key], strict=True)]
+            assert row[f"{prefix}_ratios"] == pytest.approx(ratios, rel=1e-12), row["variant"]
+            assert row[f"{prefix}_median"] == pytest.approx(statistics.median(ratios))
+            assert row[f"{prefix}_min"] == pytest.approx(min(ratios))
+            assert row[f"{prefix}_max"] == pytest.approx(max(ratios))
+    assert single["speed_ratios"] == single["update_speed_ratios"] == [1.0] * repeats
+    by_name = {row["variant"]: row for row in rows}
+    assert by_name["single"]["qp_ms"] == by_name["weighted_sum"]["qp_ms"] == 0.0  # no QP
+    for name in ("marble_output", "marble_parameters", "marble_gramian"):  # a QP every step
+        assert by_name[name]["qp_ms"] > 0, name
+
+    table = _table_rows(text)
+    header, body = table[0], table[2:]
+    assert header[3] == "speed median [min-max]" and header[7] == "update speed median [min-max]"
+    assert [cells[0] for cells in body] == [row["variant"] for row in rows]
+    for cells, row in zip(body, rows, strict=True):
+        assert len(cells) == len(header)
+        assert cells[1] == f"{row['median_step_ms']:.1f}"
+        for col, prefix in ((3, "speed"), (7, "update_speed")):
+            lo, mid, hi = (row[f"{prefix}_{s}"] for s in ("min", "median", "max"))
+            assert cells[col] == f"{mid:.2f} [{lo:.2f}-{hi:.2f}]", (row["variant"], prefix)
+        assert cells[6] == f"{row['update_ms']:.1f}"
+    note = result["note"]
+    assert f"{repeats} interleaved steps" in note and f"over the {repeats} rounds" in note
+    every = result["args"]["log_every_n_steps"]
+    assert f"assembled every {every} step(s)" in note
+
+
+def test_step_time_smoke(tmp_path, capsys):
     """The step-time benchmark runs the six variants through the real training step."""
     module = _load("step_time")
     result = module.main(["--smoke", "--out", str(tmp_path / "st.md")])
-    names = [row["variant"] for row in result["rows"]]
-    assert names == [
-        "single",
-        "weighted_sum",
-        "marble_output",
-        "marble_parameters",
-        "marble_gramian",
-        "marble_gramian_every4",
-    ]
-    for row in result["rows"]:
-        assert math.isfinite(row["speed_vs_single"]) and row["speed_vs_single"] > 0
-        assert math.isfinite(row["update_speed_vs_single"]) and row["median_step_ms"] > 0
-    assert result["rows"][2]["qp_ms"] > 0  # marble solves a QP, single does not
-    assert result["rows"][4]["qp_ms"] > 0  # gramian: a QP every step
     text = (tmp_path / "st.md").read_text()
-    assert "| marble_output |" in text and "Machine:" in text
-    assert (tmp_path / "st.json").exists()
+    assert capsys.readouterr().out.strip() == text.strip()
+    assert result["args"]["log_every_n_steps"] == 1  # the shipped configs' logging
+    _check_step_time_result(module, result, text)
+    assert "Machine:" in text and "threads" in text
+    saved = json.loads((tmp_path / "st.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
 
 
 def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
@@ -205,10 +310,9 @@ def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
             "--model.num_inference_steps=2",
         ]
     )
-    assert [row["variant"] for row in result["rows"]][0] == "single"
+    _check_step_time_result(module, result, (tmp_path / "st.md").read_text())
     note = result["note"]
     assert "configs/tiny.yaml" in note and "K=3 rewards" in note and "2 sampler steps" in note
-    assert result["rows"][3]["qp_ms"] > 0
 
 
 def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
