@@ -61,6 +61,7 @@ from marble_pl.models import (
     use_adapter,
 )
 from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
+from marble_pl.random_weights import build_random_sd3, random_weights_resolution_multiple
 from marble_pl.rewards import build_rewards
 from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
@@ -258,6 +259,13 @@ class MarbleModule(LightningModule):
         eval_num_inference_steps: sampler steps of validation and sample grids (deterministic,
             as DiffusionNFT evaluates at 40); None: the rollout's ``num_inference_steps``.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
+        random_weights: build every SD3 component at its REAL architecture with random weights
+            instead of loading them (:mod:`marble_pl.random_weights`: configs from the local
+            directory or cache, else the published ones shipped for SD3.5 Medium; nothing is
+            downloaded). Shapes, memory and time are real, images are noise: for
+            ``marble preflight``-style checks and benchmarks where no weights can be had.
+        architecture_overrides: with ``random_weights``, config entries changed per component,
+            e.g. ``{transformer: {num_layers: 2, dual_attention_layers: [0]}}``.
     """
 
     def __init__(
@@ -305,7 +313,14 @@ class MarbleModule(LightningModule):
         eval_ema_decay: float | None = None,
         eval_num_inference_steps: int | None = None,
         seed: int = 0,
+        random_weights: bool = False,
+        architecture_overrides: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        if architecture_overrides and not random_weights:
+            raise ConfigError(
+                "model.architecture_overrides changes the architecture of a randomly initialised "
+                "model: set model.random_weights: true, or drop the overrides"
+            )
         schedule = check_old_policy_decay(old_policy_decay)
         old_policy_decay = schedule.as_plain()  # hparams/checkpoints hold plain data only
         super().__init__()
@@ -414,7 +429,10 @@ class MarbleModule(LightningModule):
         path = hp.pretrained_model_name_or_path
         if self._configured or (hp.build_tiny_if_missing and not Path(path).is_dir()):
             return
-        sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
+        if hp.random_weights:
+            sizes = random_weights_resolution_multiple(path, hp.architecture_overrides)
+        else:
+            sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
         if sizes is not None:
             check_resolution(hp.resolution, *sizes)
 
@@ -427,9 +445,18 @@ class MarbleModule(LightningModule):
         if hp.build_tiny_if_missing:
             self._ensure_tiny_model(path)
         dtype = TORCH_DTYPES[hp.weights_dtype]
-        parts = load_sd3(
-            path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
-        )
+        if hp.random_weights:
+            parts = build_random_sd3(
+                path,
+                dtype=dtype,
+                load_t5=hp.load_t5,
+                architecture_overrides=hp.architecture_overrides,
+                seed=hp.seed,
+            ).components
+        else:
+            parts = load_sd3(
+                path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
+            )
         for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()

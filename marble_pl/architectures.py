@@ -1,0 +1,133 @@
+"""Published architectures of the models marble-pl trains, as facts (configs, no weights).
+
+``random_weights`` builds these at their real shapes when no ``config.json`` can be read from a
+local directory or the Hugging Face cache: the only way to exercise real shapes, module names,
+dtypes and memory where the weights cannot be downloaded. The values are those of the
+``config.json`` files the model's authors published on the Hub.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["SD35_MEDIUM", "SD3_COMPONENT_CLASSES", "shipped_sd3_configs"]
+
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+SD3_COMPONENT_CLASSES = {
+    "transformer": "SD3Transformer2DModel",
+    "vae": "AutoencoderKL",
+    "text_encoder": "CLIPTextModelWithProjection",
+    "text_encoder_2": "CLIPTextModelWithProjection",
+    "text_encoder_3": "T5EncoderModel",
+    "scheduler": "FlowMatchEulerDiscreteScheduler",
+}
+"""Each SD3 pipeline component and the class its config builds."""
+
+# MMDiT-X: 24 joint blocks, width 24 x 64 = 1536; the first 13 add a second (image-only)
+# attention ("dual attention"); queries and keys are RMS-normalised.
+_SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+
+# The SD3 VAE: 16 latent channels, 8x downsampling, no quant convs.
+_SD3_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+# CLIP ViT-L/14's text tower (OpenAI), with its projection.
+_CLIP_L_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+# OpenCLIP ViT-bigG/14's text tower, with its projection.
+_CLIP_G_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+# T5 v1.1 XXL's encoder (gated GELU), 4.8 B parameters.
+_T5_XXL_ENCODER: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+_SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+_SHIPPED: dict[str, dict[str, dict[str, Any]]] = {
+    SD35_MEDIUM: {
+        "transformer": _SD35_MEDIUM_TRANSFORMER,
+        "vae": _SD3_VAE,
+        "text_encoder": _CLIP_L_TEXT,
+        "text_encoder_2": _CLIP_G_TEXT,
+        "text_encoder_3": _T5_XXL_ENCODER,
+        "scheduler": _SD3_SCHEDULER,
+    }
+}
+
+
+def shipped_sd3_configs(name: str) -> dict[str, dict[str, Any]] | None:
+    """A copy of the shipped component configs of hub id ``name``; None for another model."""
+    configs = _SHIPPED.get(name.rstrip("/"))
+    return None if configs is None else copy.deepcopy(configs)

@@ -1,0 +1,263 @@
+"""SD3 pipelines at their REAL architecture with random weights, downloading nothing.
+
+The configs come from a local directory's (or the Hugging Face cache's) ``config.json`` files
+when present, else from :mod:`marble_pl.architectures` (the published configs, as facts).
+Parameters are created on the meta device (accelerate's ``init_empty_weights``) and then drawn
+once, directly in the target dtype, so a 2.5 B-parameter transformer never exists in float32.
+Used by ``model.random_weights`` (``marble fit``) and ``marble preflight``: shapes, module names,
+dtypes, memory and time are real; the outputs are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from marble_pl.architectures import SD35_MEDIUM, shipped_sd3_configs
+from marble_pl.errors import ConfigError
+from marble_pl.models import (
+    ModelLoadError,
+    SD3Components,
+    looks_like_local_path,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+)
+
+__all__ = [
+    "RandomSD3",
+    "build_random_sd3",
+    "random_module",
+    "random_weights_resolution_multiple",
+    "sd3_configs",
+]
+
+_CONFIG_FILES = {
+    "transformer": "transformer/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "text_encoder_3": "text_encoder_3/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+_OPTIONAL = {"text_encoder_3"}
+_MIN_VOCAB = 1000  # fewer tokens: not the model's tokenizer
+
+
+@dataclass
+class RandomSD3:
+    """A randomly initialised SD3 pipeline and where its architecture came from."""
+
+    components: SD3Components
+    config_source: str
+    """``local directory``, ``Hugging Face cache`` or ``shipped (marble_pl.architectures)``."""
+    tokenizer_source: str
+    """``pretrained`` (the model's own files) or ``byte-level`` (no tokenizer files found)."""
+
+
+def _read_local(root: Path) -> dict[str, dict[str, Any]] | None:
+    found = {}
+    for name, rel in _CONFIG_FILES.items():
+        file = root / rel
+        if file.is_file():
+            found[name] = json.loads(file.read_text())
+    return found if set(_CONFIG_FILES) - _OPTIONAL <= set(found) else None
+
+
+def _read_cache(repo_id: str, revision: str | None) -> dict[str, dict[str, Any]] | None:
+    from huggingface_hub import hf_hub_download
+
+    found = {}
+    for name, rel in _CONFIG_FILES.items():
+        try:
+            file = hf_hub_download(repo_id, rel, revision=revision, local_files_only=True)
+        except Exception:  # not cached (or not a valid repo id): this file is absent
+            continue
+        found[name] = json.loads(Path(file).read_text())
+    return found if set(_CONFIG_FILES) - _OPTIONAL <= set(found) else None
+
+
+def sd3_configs(
+    pretrained_model_name_or_path: str | os.PathLike[str], revision: str | None = None
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """``component -> config`` of an SD3 pipeline, read without any download, and the source.
+
+    A local directory's ``config.json`` files first, then the Hugging Face cache's, then the
+    configs shipped for known hub ids (:data:`~marble_pl.architectures.SD35_MEDIUM`).
+    """
+    name = os.fspath(pretrained_model_name_or_path)
+    if looks_like_local_path(name):
+        configs = _read_local(Path(name).expanduser())
+        if configs is None:
+            raise ModelLoadError(
+                f"cannot build {name!r} with random weights: the directory lacks the components' "
+                "config.json files (transformer/, vae/, text_encoder/, text_encoder_2/, "
+                "scheduler/)"
+            )
+        return configs, "local directory"
+    configs = _read_cache(name, revision)
+    if configs is not None:
+        return configs, "Hugging Face cache"
+    configs = shipped_sd3_configs(name)
+    if configs is None:
+        raise ModelLoadError(
+            f"cannot build {name!r} with random weights: its configs are neither cached nor "
+            f"shipped with marble-pl (shipped: {SD35_MEDIUM}); pass a local directory holding "
+            "the components' config.json files"
+        )
+    return configs, "shipped (marble_pl.architectures)"
+
+
+def _fan_in(shape: torch.Size) -> int:
+    return int(math.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+
+
+def _draw(name: str, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Biases 0, norm scales 1, other weights N(0, min(0.02, 1/sqrt(fan_in))^2)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias" or len(shape) == 0:
+        return torch.zeros(shape, dtype=dtype)
+    if leaf == "weight" and len(shape) == 1:
+        return torch.ones(shape, dtype=dtype)
+    std = min(0.02, 1.0 / math.sqrt(max(_fan_in(shape), 1)))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
+
+
+def random_module(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """``build()`` with its parameters on the meta device, then drawn once in ``dtype``.
+
+    Buffers are built for real (positional tables, ids); tied parameters stay tied.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = build()
+    gen = torch.Generator().manual_seed(seed)
+    made: dict[int, nn.Parameter] = {}
+    for prefix, sub in module.named_modules():
+        for leaf, param in list(sub._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                value = _draw(f"{prefix}.{leaf}", param.shape, dtype, gen)
+                made[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
+            sub._parameters[leaf] = made[id(param)]
+    for sub in module.modules():
+        for leaf, buf in sub._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                sub._buffers[leaf] = buf.to(dtype)
+    return module
+
+
+def _apply_overrides(
+    configs: dict[str, dict[str, Any]], overrides: Mapping[str, Mapping[str, Any]] | None
+) -> None:
+    for component, values in (overrides or {}).items():
+        if component not in _CONFIG_FILES:
+            raise ConfigError(
+                f"model.architecture_overrides: unknown component {component!r}; one of "
+                f"{sorted(_CONFIG_FILES)}"
+            )
+        if component not in configs:
+            raise ConfigError(
+                f"model.architecture_overrides: {component!r} is not part of this model"
+            )
+        configs[component].update(dict(values))
+
+
+def _tokenizers(name: str, revision: str | None, with_t5: bool) -> tuple[Any, Any, Any, str]:
+    """The model's own tokenizers from local files or the cache, else byte-level ones."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    common = {"local_files_only": True, "revision": revision}
+    try:
+        t1 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        t2 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
+        t3 = (
+            T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_3", **common)
+            if with_t5
+            else None
+        )
+        # transformers builds an EMPTY tokenizer (2 tokens) when the files are missing.
+        if min(len(t) for t in (t1, t2, t3) if t is not None) < _MIN_VOCAB:
+            raise OSError("tokenizer files not found")
+        return t1, t2, t3, "pretrained"
+    except (OSError, ValueError):
+        t1, t2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+        for tok in (t1, t2):  # CLIP's context: what the pipeline pads and truncates to
+            tok.model_max_length = 77
+        t3 = tiny_t5_tokenizer() if with_t5 else None
+        return t1, t2, t3, "byte-level"
+
+
+def build_random_sd3(
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_t5: bool = True,
+    architecture_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+) -> RandomSD3:
+    """Every SD3 component at its real architecture (see :func:`sd3_configs`), random weights.
+
+    ``architecture_overrides`` changes config entries per component, e.g. fewer layers:
+    ``{"transformer": {"num_layers": 2, "dual_attention_layers": [0]}}``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    name = os.fspath(pretrained_model_name_or_path)
+    configs, source = sd3_configs(name, revision)
+    _apply_overrides(configs, architecture_overrides)
+    with_t5 = load_t5 and "text_encoder_3" in configs
+
+    def text(key: str) -> CLIPTextModelWithProjection:
+        config = CLIPTextConfig.from_dict(configs[key])
+        return CLIPTextModelWithProjection(config)
+
+    parts: dict[str, Any] = {
+        "transformer": random_module(
+            lambda: SD3Transformer2DModel.from_config(configs["transformer"]), dtype, seed
+        ),
+        "vae": random_module(lambda: AutoencoderKL.from_config(configs["vae"]), dtype, seed + 1),
+        "text_encoder": random_module(lambda: text("text_encoder"), dtype, seed + 2),
+        "text_encoder_2": random_module(lambda: text("text_encoder_2"), dtype, seed + 3),
+        "text_encoder_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+    }
+    if with_t5:
+        t5 = T5Config.from_dict(configs["text_encoder_3"])
+
+        def t5_encoder() -> T5EncoderModel:
+            model = T5EncoderModel(t5)
+            model.set_input_embeddings(model.shared)  # one token table, as in the checkpoint
+            return model
+
+        parts["text_encoder_3"] = random_module(t5_encoder, dtype, seed + 4)
+    t1, t2, t3, tokenizer_source = _tokenizers(name, revision, with_t5)
+    parts.update(tokenizer=t1, tokenizer_2=t2, tokenizer_3=t3)
+    return RandomSD3(SD3Components(**parts), source, tokenizer_source)
+
+
+def random_weights_resolution_multiple(
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    architecture_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[int, int, int] | None:
+    """``(multiple, vae_scale_factor, patch_size)`` of the architecture ``random_weights``
+    builds (see :func:`~marble_pl.checks.resolution_multiple`); None if it cannot be read."""
+    try:
+        configs, _ = sd3_configs(pretrained_model_name_or_path)
+        _apply_overrides(configs, architecture_overrides)
+        patch_size = int(configs["transformer"]["patch_size"])
+        vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    except (ModelLoadError, KeyError, TypeError, ValueError):
+        return None
+    return vae_scale_factor * patch_size, vae_scale_factor, patch_size
