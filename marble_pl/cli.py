@@ -202,12 +202,18 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _main(args: list[str] | None = None) -> None:
-    """``marble fit|validate|...`` (LightningCLI) or ``marble export ...`` (LoRA export)."""
+    """``marble fit|validate|...`` (LightningCLI), ``marble export ...`` (LoRA export) or
+    ``marble preflight ...`` (real architectures, random weights, timed steps)."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv and argv[0] == "export":
         from marble_pl.export import main as export_main
 
         raise SystemExit(export_main(list(argv[1:])))
+    if isinstance(argv, list | tuple) and argv and argv[0] == "preflight":
+        from marble_pl.preflight import main as preflight_main
+
+        install_notice_filters()
+        raise SystemExit(preflight_main(list(argv[1:])))
     install_notice_filters()
     MarbleCLI(
         MarbleModule,

@@ -38,7 +38,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from marble_pl.errors import MarbleUserError
+from marble_pl.errors import ConfigError, MarbleUserError
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -552,8 +552,8 @@ def add_lora(
     names = [n for n, _ in transformer.named_modules() if n]
     unmatched = [t for t in targets if not any(_module_matches(n, t) for n in names)]
     if not targets or unmatched:
-        raise ValueError(
-            f"LoRA target_modules {unmatched or list(targets)} match no module of "
+        raise ConfigError(
+            f"model.lora_target_modules: {unmatched or list(targets)} match no module of "
             f"{type(transformer).__name__}. Use module-name suffixes of its Linear layers, such as "
             f"{_linear_suffixes(transformer)[:30]}."
         )

@@ -1,0 +1,402 @@
+"""``marble preflight --config <fit YAML>``: the config's models at their REAL architecture with
+random weights (nothing downloaded), what LoRA adapts, and timed MARBLE steps.
+
+Every SD3 component is built as ``model.random_weights`` builds it (:mod:`marble_pl.random_weights`),
+reported per component (parameters, dtype, memory), then ``--steps`` real MARBLE training steps
+run at a reduced resolution and batch on the device at hand, with the time of each phase and the
+peak memory, and an extrapolation to the configured resolution and batch per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import resource
+import statistics
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+__all__ = ["ComponentRow", "PreflightReport", "main", "preflight"]
+
+PROMPTS = ["a photo of a cat", "a red car in the rain", "two dogs on grass", "an apple on a table"]
+SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+BUILTIN_REWARDS = {"brightness", "saturation", "contrast", "compressibility"}
+MIB = 1024**2
+GIB = 1024**3
+
+
+@dataclass
+class ComponentRow:
+    """One built model: its parameters, dtype and memory (parameters + buffers)."""
+
+    name: str
+    cls: str
+    params: int
+    dtype: str
+    bytes: int
+
+
+@dataclass
+class PreflightReport:
+    """What preflight built and measured (see :func:`preflight`)."""
+
+    components: list[ComponentRow]
+    lora_params: int
+    lora_bytes: int
+    adapted: dict[str, int]
+    stand_in_rewards: list[str]
+    device: str
+    run: dict[str, Any]
+    configured: dict[str, Any]
+    phases: dict[str, float] = field(default_factory=dict)
+    estimate: dict[str, float] = field(default_factory=dict)
+    peak_bytes: int = 0
+    peak_kind: str = ""
+
+    def markdown(self) -> str:
+        """The report as markdown tables."""
+        lines = [
+            "| component | class | parameters | dtype | memory (MiB) |",
+            "| --- | --- | ---: | --- | ---: |",
+        ]
+        for c in self.components:
+            lines.append(f"| {c.name} | {c.cls} | {c.params:,} | {c.dtype} | {c.bytes / GIB:.3f} |")
+        lines.append(
+            f"| LoRA (trained + sampling adapters) | peft | {self.lora_params:,} trained | "
+            f"float32 | {self.lora_bytes / MIB:,.1f} |"
+        )
+        lines += ["", "| LoRA target | modules adapted |", "| --- | ---: |"]
+        lines += [f"| {kind} | {n} |" for kind, n in sorted(self.adapted.items())]
+        if self.stand_in_rewards:
+            lines.append(
+                "\nRewards timed with the built-in `brightness` as a stand-in (their backbones "
+                f"are not built at random weights yet): {', '.join(self.stand_in_rewards)}"
+            )
+        run, cfg = self.run, self.configured
+        lines += [
+            "",
+            f"Steps on {self.device}: {run['steps']} MARBLE step(s) at {run['resolution']} px, "
+            f"{run['batch_size']} prompt(s) x {run['group_size']} images, "
+            f"{run['num_inference_steps']} sampler steps, {run['timesteps']} training "
+            f"timestep(s) per image; configured: {cfg['resolution']} px, {cfg['batch_size']} x "
+            f"{cfg['group_size']}, {cfg['num_inference_steps']} sampler steps, "
+            f"{cfg['timesteps']} timesteps per image.",
+            "",
+            "| phase | measured (s) | estimate at the configured size (s) |",
+            "| --- | ---: | ---: |",
+        ]
+        for phase in ("rollout_s", "reward_s", "update_s", "step_s"):
+            lines.append(
+                f"| {phase.removesuffix('_s')} | {self.phases.get(phase, float('nan')):.2f} | "
+                f"{self.estimate.get(phase, float('nan')):.1f} |"
+            )
+        lines += [
+            "",
+            f"Peak memory ({self.peak_kind}): {self.peak_bytes / GIB:.2f} GiB.",
+            "",
+            "The estimate scales each measured phase linearly: rollout by images x sampler steps "
+            "x tokens, update by images x training timesteps x tokens, rewards by images "
+            "(tokens: latent patches + text tokens). Attention's quadratic term is ignored, so "
+            "it is a lower bound at higher resolutions.",
+        ]
+        return "\n".join(lines)
+
+
+def _defaults() -> dict[str, Any]:
+    from marble_pl.data import PromptDataModule
+    from marble_pl.module import MarbleModule
+
+    out = {}
+    for cls in (MarbleModule, PromptDataModule):
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                out[name] = p.default
+    return out
+
+
+def _configured(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings the estimate scales to, from the YAML (class defaults where absent)."""
+    defaults = _defaults()
+    model, data = config.get("model") or {}, config.get("data") or {}
+
+    def get(section: dict[str, Any], key: str) -> Any:
+        return section.get(key, defaults.get(key))
+
+    return {
+        "resolution": get(model, "resolution"),
+        "num_inference_steps": get(model, "num_inference_steps"),
+        "timesteps_per_image": get(model, "timesteps_per_image"),
+        "batch_size": get(data, "batch_size"),
+        "group_size": get(data, "group_size"),
+        "max_sequence_length": get(model, "max_sequence_length"),
+    }
+
+
+def _reward_overrides(rewards: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """Built-in rewards as they are; the others as a named ``brightness`` stand-in."""
+    out, stand_ins = [], []
+    for spec in rewards:
+        name = spec if isinstance(spec, str) else (spec or {}).get("name")
+        if (
+            isinstance(spec, str)
+            and spec in BUILTIN_REWARDS
+            or isinstance(spec, dict)
+            and name in BUILTIN_REWARDS
+            and "class_path" not in spec
+        ):
+            out.append(spec)
+        else:
+            label = name or str(spec.get("class_path", "reward")).rsplit(".", 1)[-1]
+            out.append({"name": "brightness", "alias": label})
+            stand_ins.append(label)
+    return out, stand_ins
+
+
+def _component_rows(module: Any) -> list[ComponentRow]:
+    rows = []
+    for name in SD3_COMPONENTS:
+        part = getattr(module, name, None)
+        if part is None:
+            continue
+        params = [p for n, p in part.named_parameters() if "lora_" not in n]
+        tensors = params + list(part.buffers())
+        rows.append(
+            ComponentRow(
+                name=name,
+                cls=type(part).__name__,
+                params=sum(p.numel() for p in params),
+                dtype=str(params[0].dtype).removeprefix("torch."),
+                bytes=sum(t.numel() * t.element_size() for t in tensors),
+            )
+        )
+    return rows
+
+
+def _adapted(transformer: torch.nn.Module) -> dict[str, int]:
+    """Adapted modules per kind (block index dropped). A target that matches nothing is a
+    ``ConfigError`` naming it when the LoRA is attached (:func:`~marble_pl.models.add_lora`)."""
+    names = [
+        n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")
+    ]
+    return dict(Counter(_kind(n) for n in names))
+
+
+def _kind(module_name: str) -> str:
+    """``transformer_blocks.3.attn2.to_q`` -> ``attn2.to_q``."""
+    parts = module_name.split(".")
+    if len(parts) > 2 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+        parts = parts[2:]
+    return ".".join(parts)
+
+
+class _StepTimes(Callback):
+    """Each step's phase times (``MarbleModule.last_timing``) and wall time."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        timing = dict(pl_module.last_timing)
+        timing["step_s"] = time.perf_counter() - self._t0
+        self.steps.append(timing)
+
+
+def _peak(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "CUDA max_memory_allocated"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return int(kib) * 1024, "process peak RSS, CPU"
+
+
+def _estimate(
+    phases: dict[str, float], run: dict[str, Any], cfg: dict[str, Any], text_tokens: int, cell: int
+) -> dict[str, float]:
+    def tokens(res: int) -> float:
+        return (res // cell) ** 2 + text_tokens
+
+    tok = tokens(cfg["resolution"]) / tokens(run["resolution"])
+    images = (cfg["batch_size"] * cfg["group_size"]) / (run["batch_size"] * run["group_size"])
+    rollout = (
+        phases["rollout_s"] * images * tok * cfg["num_inference_steps"] / run["num_inference_steps"]
+    )
+    update = phases["update_s"] * images * tok * cfg["timesteps"] / run["timesteps"]
+    reward = phases["reward_s"] * images
+    return {
+        "rollout_s": rollout,
+        "reward_s": reward,
+        "update_s": update,
+        "step_s": rollout + reward + update,
+    }
+
+
+def preflight(
+    config: str | Path,
+    *,
+    steps: int = 2,
+    resolution: int = 128,
+    batch_size: int = 1,
+    group_size: int = 2,
+    num_inference_steps: int = 2,
+    skip: Sequence[str] = (),
+    accelerator: str = "auto",
+    overrides: Sequence[str] = (),
+) -> PreflightReport:
+    """Build the config's models at real shape with random weights and time ``steps`` steps."""
+    from marble_pl.cli import MarbleCLI
+    from marble_pl.data import PromptDataModule
+    from marble_pl.module import MarbleModule
+
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    configured = _configured(raw)
+    rewards, stand_ins = _reward_overrides(
+        (raw.get("model") or {}).get("rewards") or _defaults()["rewards"]
+    )
+    skip = set(skip)
+    rewards = [
+        r
+        for r in rewards
+        if (r if isinstance(r, str) else r.get("alias", r.get("name"))) not in skip
+    ]
+    stand_ins = [s for s in stand_ins if s not in skip]
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    prompts = Path(tempfile.mkdtemp(prefix="marble-preflight-")) / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = [
+        "--config", str(config),
+        "--model.random_weights=true",
+        "--model.local_files_only=true",
+        f"--model.resolution={resolution}",
+        f"--model.num_inference_steps={num_inference_steps}",
+        f"--model.rewards={yaml.safe_dump(rewards, default_flow_style=True).strip()}",
+        f"--data.train_file={prompts}",
+        "--data.val_file=null",
+        f"--data.batch_size={batch_size}",
+        f"--data.group_size={group_size}",
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        f"--trainer.max_steps={steps}",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=[]",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+    ]  # fmt: skip
+    if "text_encoder_3" in skip:
+        args.append("--model.load_t5=false")
+    per_image = configured["timesteps_per_image"]
+    if isinstance(per_image, int) and per_image > num_inference_steps:  # a count the run's
+        args.append(f"--model.timesteps_per_image={num_inference_steps}")  # sampler lacks
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only `args`
+    try:
+        cli = MarbleCLI(MarbleModule, PromptDataModule, run=False, args=[*args, *overrides])
+    finally:
+        sys.argv = argv
+    module, trainer = cli.model, cli.trainer
+    module.configure_model()
+    adapted = _adapted(module.transformer)
+    lora = [p for n, p in module.transformer.named_parameters() if "lora_" in n]
+    times = _StepTimes()
+    trainer.callbacks.append(times)
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.fit(module, cli.datamodule)
+    measured = times.steps[1:] or times.steps  # the first step includes warm-up
+    phases = {k: statistics.median(s[k] for s in measured) for k in measured[0]}
+    run = {
+        "steps": steps,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "group_size": group_size,
+        "num_inference_steps": num_inference_steps,
+        "timesteps": module.timesteps_count,
+    }
+    configured["timesteps"] = _timesteps(
+        configured["timesteps_per_image"], configured["num_inference_steps"]
+    )
+    cell = module.vae_scale_factor * module.patch_size
+    text_tokens = 77 + (configured["max_sequence_length"] or 0)
+    peak, kind = _peak(device)
+    return PreflightReport(
+        components=_component_rows(module),
+        lora_params=sum(p.numel() for p in module.lora_params),
+        lora_bytes=sum(p.numel() * p.element_size() for p in lora),
+        adapted=adapted,
+        stand_in_rewards=stand_ins,
+        device=str(device)
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        run=run,
+        configured=configured,
+        phases=phases,
+        estimate=_estimate(phases, run, configured, text_tokens, cell),
+        peak_bytes=peak,
+        peak_kind=kind,
+    )
+
+
+def _timesteps(per_image: int | float, sampler_steps: int) -> int:
+    """Training timesteps per image: a count, or a fraction of the sampler's steps."""
+    from marble_pl.timesteps import timesteps_per_image_count
+
+    return timesteps_per_image_count(per_image, sampler_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``marble preflight``: print (and with ``--out`` write) the report."""
+    parser = argparse.ArgumentParser(
+        prog="marble preflight",
+        description=__doc__.split("\n\n")[0],
+        epilog="Other --model.* / --trainer.* / --data.* arguments override the config.",
+    )
+    parser.add_argument("--config", required=True, help="a `marble fit` YAML config")
+    parser.add_argument("--steps", type=int, default=2, help="MARBLE steps to time (default 2)")
+    parser.add_argument("--resolution", type=int, default=128, help="image side of the timed steps")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per timed step")
+    parser.add_argument("--group-size", type=int, default=2, help="images per prompt")
+    parser.add_argument("--num-inference-steps", type=int, default=2, help="sampler steps")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="leave out a component that does not fit the machine (text_encoder_3) or a reward",
+    )
+    parser.add_argument("--accelerator", default="auto", help="auto (cuda if any), cpu or gpu")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    report = preflight(
+        args.config,
+        steps=args.steps,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        num_inference_steps=args.num_inference_steps,
+        skip=args.skip,
+        accelerator=args.accelerator,
+        overrides=overrides,
+    )
+    text = report.markdown()
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0

@@ -1,0 +1,110 @@
+"""``marble preflight``: the config's models at real shape with random weights, timed steps."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from marble_pl.cli import main
+from marble_pl.models import load_sd3
+from marble_pl.preflight import _reward_overrides, preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def configs(tmp_path, monkeypatch) -> Path:
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "configs"
+
+
+def test_preflight_of_the_tiny_config(configs, tiny_sd3_path):
+    report = preflight(
+        configs / "tiny.yaml",
+        steps=2,
+        resolution=32,
+        overrides=[f"--model.pretrained_model_name_or_path={tiny_sd3_path}"],
+    )
+    saved = load_sd3(tiny_sd3_path, local_files_only=True)
+    rows = {r.name: r for r in report.components}
+    assert list(rows) == ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    for name, row in rows.items():  # the saved model's architecture, parameter for parameter
+        part = getattr(saved, name)
+        assert row.params == sum(p.numel() for p in part.parameters()), name
+        assert row.dtype == "float32" and row.bytes >= 4 * row.params
+    # tiny.yaml's LoRA: rank 4 on to_q/k/v/out.0 of 2 blocks, the first with dual attention.
+    assert report.adapted == {
+        "attn.to_q": 2, "attn.to_k": 2, "attn.to_v": 2, "attn.to_out.0": 2,
+        "attn2.to_q": 1, "attn2.to_k": 1, "attn2.to_v": 1, "attn2.to_out.0": 1,
+    }  # fmt: skip
+    assert report.stand_in_rewards == []
+    assert report.lora_params > 0 and report.lora_bytes == 2 * 4 * report.lora_params
+    assert report.configured["timesteps"] == 3 and report.run["timesteps"] == 1
+    assert set(report.phases) == {"rollout_s", "reward_s", "update_s", "step_s"}
+    assert all(v > 0 for v in report.phases.values()) and report.peak_bytes > 0
+    # The estimate: images 8 / 2, rollout steps 6 / 2, training timesteps 3 / 1, same tokens.
+    assert report.estimate["rollout_s"] == pytest.approx(report.phases["rollout_s"] * 4 * 3)
+    assert report.estimate["update_s"] == pytest.approx(report.phases["update_s"] * 4 * 3)
+    assert report.estimate["reward_s"] == pytest.approx(report.phases["reward_s"] * 4)
+    text = report.markdown()
+    assert "| transformer | SD3Transformer2DModel |" in text and "| attn2.to_q | 1 |" in text
+
+
+def test_marble_preflight_command_writes_its_report(configs, tiny_sd3_path, capsys):
+    out = configs.parent / "report.md"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "preflight", "--config", str(configs / "tiny.yaml"), "--steps", "1",
+                "--resolution", "32", "--out", str(out),
+                f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert out.read_text().strip() and out.read_text().strip() in printed
+    assert "| attn2.to_q | 1 |" in out.read_text()
+    assert not (configs.parent / "runs" / "tiny").exists()  # no run folder: nothing trained
+
+
+def test_a_lora_target_that_matches_nothing_is_one_line(configs, tiny_sd3_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "preflight", "--config", str(configs / "tiny.yaml"),
+                "--model.lora_target_modules=[to_q, nope]",
+                f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("marble: error: model.lora_target_modules: ['nope'] match no module")
+
+
+def test_an_unknown_model_is_one_line(configs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "preflight", "--config", str(configs / "tiny.yaml"),
+                "--model.pretrained_model_name_or_path=someone/another-model",
+                "--model.build_tiny_if_missing=false",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("marble: error: ") and "neither cached nor shipped" in err
+
+
+def test_pretrained_rewards_are_timed_with_named_stand_ins():
+    specs = ["brightness", {"name": "pickscore", "dtype": "bfloat16"}, {"name": "contrast"}]
+    rewards, stand_ins = _reward_overrides(specs)
+    assert rewards == [
+        "brightness",
+        {"name": "brightness", "alias": "pickscore"},
+        {"name": "contrast"},
+    ]
+    assert stand_ins == ["pickscore"]  # the stand-in keeps the reward's name in the report
