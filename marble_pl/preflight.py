@@ -69,7 +69,9 @@ class PreflightReport:
             "| --- | --- | ---: | --- | ---: |",
         ]
         for c in self.components:
-            lines.append(f"| {c.name} | {c.cls} | {c.params:,} | {c.dtype} | {c.bytes / GIB:.3f} |")
+            lines.append(
+                f"| {c.name} | {c.cls} | {c.params:,} | {c.dtype} | {c.bytes / MIB:,.1f} |"
+            )
         lines.append(
             f"| LoRA (trained + sampling adapters) | peft | {self.lora_params:,} trained | "
             f"float32 | {self.lora_bytes / MIB:,.1f} |"
@@ -308,7 +310,13 @@ def preflight(
         args.append(f"--model.timesteps_per_image={num_inference_steps}")  # sampler lacks
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only `args`
     try:
-        cli = MarbleCLI(MarbleModule, PromptDataModule, run=False, args=[*args, *overrides])
+        cli = MarbleCLI(
+            MarbleModule,
+            PromptDataModule,
+            run=False,
+            save_config_callback=None,  # preflight writes nothing into the working folder
+            args=[*args, *overrides],
+        )
     finally:
         sys.argv = argv
     module, trainer = cli.model, cli.trainer
