@@ -34,6 +34,7 @@ from marble_pl.models import (
 __all__ = [
     "RandomSD3",
     "build_random_sd3",
+    "check_sd3_architecture",
     "random_module",
     "random_weights_resolution_multiple",
     "sd3_configs",
@@ -197,6 +198,47 @@ def _tokenizers(name: str, revision: str | None, with_t5: bool) -> tuple[Any, An
         return t1, t2, t3, "byte-level"
 
 
+def check_sd3_architecture(configs: Mapping[str, Mapping[str, Any]]) -> None:
+    """The components must fit together; one ``ConfigError`` line naming both sides if not.
+
+    SD3 concatenates the two CLIP encoders' hidden states (zero-padded to the T5 width, which is
+    the transformer's ``joint_attention_dim``) and their pooled projections
+    (``pooled_projection_dim``), and denoises the VAE's latents (``in_channels``).
+    """
+    t, vae = configs["transformer"], configs["vae"]
+    clip_l, clip_g = configs["text_encoder"], configs["text_encoder_2"]
+    joint = t.get("joint_attention_dim")
+    pooled = clip_l.get("projection_dim", 0) + clip_g.get("projection_dim", 0)
+    width = clip_l.get("hidden_size", 0) + clip_g.get("hidden_size", 0)
+    problems = []
+    if vae.get("latent_channels") != t.get("in_channels"):
+        problems.append(
+            f"vae.latent_channels is {vae.get('latent_channels')} but transformer.in_channels "
+            f"is {t.get('in_channels')}"
+        )
+    if pooled != t.get("pooled_projection_dim"):
+        problems.append(
+            f"the CLIP encoders' projection_dim add up to {pooled} but "
+            f"transformer.pooled_projection_dim is {t.get('pooled_projection_dim')}"
+        )
+    if joint is None or width > joint:
+        problems.append(
+            f"the CLIP encoders' hidden_size add up to {width}, more than "
+            f"transformer.joint_attention_dim {joint}"
+        )
+    t5 = configs.get("text_encoder_3")
+    if t5 is not None and t5.get("d_model") != joint:
+        problems.append(
+            f"text_encoder_3.d_model is {t5.get('d_model')} but "
+            f"transformer.joint_attention_dim is {joint}"
+        )
+    if problems:
+        raise ConfigError(
+            f"the SD3 components do not fit together: {problems[0]}; fix the config.json (or "
+            "model.architecture_overrides) of one of them"
+        )
+
+
 def build_random_sd3(
     pretrained_model_name_or_path: str | os.PathLike[str],
     *,
@@ -217,6 +259,7 @@ def build_random_sd3(
     name = os.fspath(pretrained_model_name_or_path)
     configs, source = sd3_configs(name, revision)
     _apply_overrides(configs, architecture_overrides)
+    check_sd3_architecture(configs)
     with_t5 = load_t5 and "text_encoder_3" in configs
 
     def text(key: str) -> CLIPTextModelWithProjection:

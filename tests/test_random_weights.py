@@ -13,7 +13,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from marble_pl.architectures import SD35_MEDIUM, shipped_sd3_configs
 from marble_pl.errors import ConfigError
 from marble_pl.models import ModelLoadError, load_sd3
-from marble_pl.random_weights import build_random_sd3, random_module, sd3_configs
+from marble_pl.random_weights import (
+    build_random_sd3,
+    check_sd3_architecture,
+    random_module,
+    sd3_configs,
+)
 
 # Published parameter counts (the checkpoints' tensors): CLIP ViT-L/14's and OpenCLIP
 # ViT-bigG/14's text towers with projection, and T5 v1.1 XXL's encoder.
@@ -132,3 +137,26 @@ def test_sd35_medium_width_two_blocks_through_a_marble_step():
     rec = module.last_step
     assert rec.grads.shape == (2, expected) and torch.isfinite(rec.grads).all()
     assert any(not torch.equal(a, b) for a, b in zip(before, module.lora_params, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"vae": {"latent_channels": 4}},
+            "vae.latent_channels is 4 but transformer.in_channels is 16",
+        ),
+        ({"text_encoder": {"projection_dim": 512}}, "projection_dim add up to 1792 but"),
+        ({"text_encoder_3": {"d_model": 2048}}, "text_encoder_3.d_model is 2048 but"),
+        ({"transformer": {"joint_attention_dim": 1024}}, "hidden_size add up to 2048, more than"),
+    ],
+)
+def test_components_that_do_not_fit_are_one_line_before_building(overrides, message):
+    """Checked on the configs, before a single parameter is drawn."""
+    with pytest.raises(ConfigError, match=message):
+        build_random_sd3(SD35_MEDIUM, architecture_overrides=overrides)
+
+
+def test_the_tiny_and_the_shipped_architectures_fit(tiny_sd3_path):
+    for name in (tiny_sd3_path, SD35_MEDIUM):
+        check_sd3_architecture(sd3_configs(name)[0])
