@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from marble_pl.data import PromptDataModule
@@ -253,6 +254,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def random_weights_args(config: str) -> list[str]:
+    """CLI overrides building ``config``'s SD3 with random weights, rewards as stand-ins."""
+    from marble_pl.preflight import stand_in_rewards
+
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    rewards, _ = stand_in_rewards((raw.get("model") or {}).get("rewards") or [])
+    args = ["--model.random_weights=true", "--model.local_files_only=true"]
+    if rewards:
+        args.append(f"--model.rewards={json.dumps(rewards)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -278,11 +291,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shipped configs)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --config: the config's SD3 at its real architecture with random weights "
+        "(model.random_weights; nothing downloaded); rewards that need weights are timed as "
+        "named built-in stand-ins, as `marble preflight` does",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
     parser.add_argument("--out", default="runs/step_time/step_time.md")
     args, cli_args = parser.parse_known_args(argv)
     if cli_args and args.config is None:
         parser.error(f"unrecognized arguments: {' '.join(cli_args)} (CLI overrides need --config)")
+    if args.random_weights:
+        if args.config is None:
+            parser.error("--random-weights needs --config (the architecture of the config's model)")
+        cli_args = random_weights_args(args.config) + cli_args
     if args.smoke:
         args.warmup, args.repeats = 1, 2
     if args.threads:

@@ -25,7 +25,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-__all__ = ["ComponentRow", "PreflightReport", "main", "preflight"]
+__all__ = ["ComponentRow", "PreflightReport", "main", "preflight", "stand_in_rewards"]
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "two dogs on grass", "an apple on a table"]
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -143,7 +143,7 @@ def _configured(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _reward_overrides(rewards: Sequence[Any]) -> tuple[list[Any], list[str]]:
+def stand_in_rewards(rewards: Sequence[Any]) -> tuple[list[Any], list[str]]:
     """Built-in rewards as they are; the others as a named ``brightness`` stand-in."""
     out, stand_ins = [], []
     for spec in rewards:
@@ -266,7 +266,7 @@ def preflight(
 
     raw = yaml.safe_load(Path(config).read_text()) or {}
     configured = _configured(raw)
-    rewards, stand_ins = _reward_overrides(
+    rewards, stand_ins = stand_in_rewards(
         (raw.get("model") or {}).get("rewards") or _defaults()["rewards"]
     )
     skip = set(skip)

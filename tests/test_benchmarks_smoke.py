@@ -315,6 +315,23 @@ def test_step_time_smoke_from_a_config(tmp_path, tiny_sd3_path, monkeypatch):
     assert "configs/tiny.yaml" in note and "K=3 rewards" in note and "2 sampler steps" in note
 
 
+def test_step_time_with_random_weights(tmp_path, tiny_sd3_path, monkeypatch):
+    """``--random-weights``: the config's architecture (here the tiny pipeline's configs) with
+    random weights, the same table."""
+    monkeypatch.chdir(ROOT)
+    module = _load("step_time")
+    args = ["--smoke", "--config", "configs/tiny.yaml", "--random-weights"]
+    args += ["--out", str(tmp_path / "st.md"), "--model.num_inference_steps=2"]
+    result = module.main([*args, f"--model.pretrained_model_name_or_path={tiny_sd3_path}"])
+    _check_step_time_result(module, result, (tmp_path / "st.md").read_text())
+    assert module.random_weights_args("configs/sd35.yaml")[:2] == [
+        "--model.random_weights=true",
+        "--model.local_files_only=true",
+    ]
+    with pytest.raises(SystemExit):
+        module.main(["--smoke", "--random-weights", "--out", str(tmp_path / "x.md")])
+
+
 def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
     module = _load("step_time")
     with pytest.raises(SystemExit):

@@ -9,7 +9,7 @@ import pytest
 
 from marble_pl.cli import main
 from marble_pl.models import load_sd3
-from marble_pl.preflight import _reward_overrides, preflight
+from marble_pl.preflight import preflight, stand_in_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_an_unknown_model_is_one_line(configs, capsys):
 
 def test_pretrained_rewards_are_timed_with_named_stand_ins():
     specs = ["brightness", {"name": "pickscore", "dtype": "bfloat16"}, {"name": "contrast"}]
-    rewards, stand_ins = _reward_overrides(specs)
+    rewards, stand_ins = stand_in_rewards(specs)
     assert rewards == [
         "brightness",
         {"name": "brightness", "alias": "pickscore"},
