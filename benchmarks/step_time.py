@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from marble_pl.data import PromptDataModule
@@ -254,16 +253,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def random_weights_args(config: str) -> list[str]:
-    """CLI overrides building ``config``'s SD3 with random weights, rewards as stand-ins."""
-    from marble_pl.preflight import stand_in_rewards
-
-    raw = yaml.safe_load(Path(config).read_text()) or {}
-    rewards, _ = stand_in_rewards((raw.get("model") or {}).get("rewards") or [])
-    args = ["--model.random_weights=true", "--model.local_files_only=true"]
-    if rewards:
-        args.append(f"--model.rewards={json.dumps(rewards)}")
-    return args
+RANDOM_WEIGHTS_ARGS = ["--model.random_weights=true", "--model.local_files_only=true"]
+"""CLI overrides building the config's models at real shape with random weights."""
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -294,9 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--random-weights",
         action="store_true",
-        help="with --config: the config's SD3 at its real architecture with random weights "
-        "(model.random_weights; nothing downloaded); rewards that need weights are timed as "
-        "named built-in stand-ins, as `marble preflight` does",
+        help="with --config: the config's SD3 and reward models at their real architecture "
+        "with random weights (model.random_weights; nothing downloaded)",
     )
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
     parser.add_argument("--out", default="runs/step_time/step_time.md")
@@ -306,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.random_weights:
         if args.config is None:
             parser.error("--random-weights needs --config (the architecture of the config's model)")
-        cli_args = random_weights_args(args.config) + cli_args
+        cli_args = RANDOM_WEIGHTS_ARGS + cli_args
     if args.smoke:
         args.warmup, args.repeats = 1, 2
     if args.threads:

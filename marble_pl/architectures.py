@@ -11,7 +11,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["SD35_MEDIUM", "SD3_COMPONENT_CLASSES", "shipped_sd3_configs"]
+__all__ = [
+    "IMAGEREWARD_TEXT",
+    "IMAGEREWARD_VISION",
+    "SD35_MEDIUM",
+    "SD3_COMPONENT_CLASSES",
+    "shipped_clip_config",
+    "shipped_sd3_configs",
+]
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
@@ -131,3 +138,99 @@ def shipped_sd3_configs(name: str) -> dict[str, dict[str, Any]] | None:
     """A copy of the shipped component configs of hub id ``name``; None for another model."""
     configs = _SHIPPED.get(name.rstrip("/"))
     return None if configs is None else copy.deepcopy(configs)
+
+
+# ------------------------------------------------------------------ reward backbones
+
+# OpenCLIP ViT-H-14 (laion2B): PickScore_v1 is this architecture fine-tuned; HPSv2.1 too.
+_CLIP_VIT_H_14: dict[str, Any] = {
+    "projection_dim": 1024,
+    "text_config": {
+        "vocab_size": 49408,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    },
+}
+
+# OpenAI CLIP ViT-L/14 (224 px): CLIP score and the LAION aesthetic predictor's backbone.
+_CLIP_VIT_L_14: dict[str, Any] = {
+    "projection_dim": 768,
+    "text_config": {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    },
+}
+
+_CLIP_BY_ID = {
+    "yuvalkirstain/PickScore_v1": _CLIP_VIT_H_14,
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": _CLIP_VIT_H_14,
+    "openai/clip-vit-large-patch14": _CLIP_VIT_L_14,
+}
+
+
+def shipped_clip_config(name: str) -> dict[str, Any] | None:
+    """A copy of the shipped CLIPConfig kwargs of hub id ``name``; None for another model."""
+    config = _CLIP_BY_ID.get(name.rstrip("/"))
+    return None if config is None else copy.deepcopy(config)
+
+
+# ImageReward (THUDM/ImageReward): BLIP's ViT-L/16 at 224 px, and BERT-base with cross-attention
+# to it (BLIP's med_config), the [DEC]/[ENC] tokens added to bert-base-uncased's 30522.
+IMAGEREWARD_VISION: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+}
+IMAGEREWARD_TEXT: dict[str, Any] = {
+    "vocab_size": 30524,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 512,
+    "encoder_hidden_size": 1024,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+}

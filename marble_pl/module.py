@@ -62,7 +62,7 @@ from marble_pl.models import (
 )
 from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
 from marble_pl.random_weights import build_random_sd3, random_weights_resolution_multiple
-from marble_pl.rewards import build_rewards
+from marble_pl.rewards import PretrainedReward, build_rewards
 from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
 from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
@@ -354,6 +354,9 @@ class MarbleModule(LightningModule):
         check_optimizer(optimizer, lr_scheduler)
 
         self.rewards = build_rewards(list(rewards))
+        for reward in self.rewards:  # pretrained rewards: real shapes, random weights too
+            if random_weights and isinstance(reward, PretrainedReward):
+                reward.random_weights = True
         self.reward_names: list[str] = [rw.name for rw in self.rewards]
         self.balancer.bind(self.reward_names)
         k = len(self.reward_names)

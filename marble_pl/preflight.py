@@ -25,11 +25,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-__all__ = ["ComponentRow", "PreflightReport", "main", "preflight", "stand_in_rewards"]
+__all__ = ["ComponentRow", "PreflightReport", "main", "preflight"]
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "two dogs on grass", "an apple on a table"]
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-BUILTIN_REWARDS = {"brightness", "saturation", "contrast", "compressibility"}
 MIB = 1024**2
 GIB = 1024**3
 
@@ -53,7 +52,6 @@ class PreflightReport:
     lora_params: int
     lora_bytes: int
     adapted: dict[str, int]
-    stand_in_rewards: list[str]
     device: str
     run: dict[str, Any]
     configured: dict[str, Any]
@@ -78,11 +76,6 @@ class PreflightReport:
         )
         lines += ["", "| LoRA target | modules adapted |", "| --- | ---: |"]
         lines += [f"| {kind} | {n} |" for kind, n in sorted(self.adapted.items())]
-        if self.stand_in_rewards:
-            lines.append(
-                "\nRewards timed with the built-in `brightness` as a stand-in (their backbones "
-                f"are not built at random weights yet): {', '.join(self.stand_in_rewards)}"
-            )
         run, cfg = self.run, self.configured
         lines += [
             "",
@@ -143,43 +136,37 @@ def _configured(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stand_in_rewards(rewards: Sequence[Any]) -> tuple[list[Any], list[str]]:
-    """Built-in rewards as they are; the others as a named ``brightness`` stand-in."""
-    out, stand_ins = [], []
-    for spec in rewards:
-        name = spec if isinstance(spec, str) else (spec or {}).get("name")
-        if (
-            isinstance(spec, str)
-            and spec in BUILTIN_REWARDS
-            or isinstance(spec, dict)
-            and name in BUILTIN_REWARDS
-            and "class_path" not in spec
-        ):
-            out.append(spec)
-        else:
-            label = name or str(spec.get("class_path", "reward")).rsplit(".", 1)[-1]
-            out.append({"name": "brightness", "alias": label})
-            stand_ins.append(label)
-    return out, stand_ins
+def _reward_name(spec: Any) -> str:
+    """A reward spec's name as the module logs it: ``alias``, else ``name``, else the class."""
+    if isinstance(spec, str):
+        return spec
+    return str(spec.get("alias") or spec.get("name") or spec.get("class_path", "")).rsplit(".")[-1]
+
+
+def _row(name: str, part: torch.nn.Module) -> ComponentRow:
+    params = [p for n, p in part.named_parameters() if "lora_" not in n]
+    tensors = params + list(part.buffers())
+    return ComponentRow(
+        name=name,
+        cls=type(part).__name__,
+        params=sum(p.numel() for p in params),
+        dtype=str(params[0].dtype).removeprefix("torch."),
+        bytes=sum(t.numel() * t.element_size() for t in tensors),
+    )
 
 
 def _component_rows(module: Any) -> list[ComponentRow]:
-    rows = []
-    for name in SD3_COMPONENTS:
-        part = getattr(module, name, None)
-        if part is None:
-            continue
-        params = [p for n, p in part.named_parameters() if "lora_" not in n]
-        tensors = params + list(part.buffers())
-        rows.append(
-            ComponentRow(
-                name=name,
-                cls=type(part).__name__,
-                params=sum(p.numel() for p in params),
-                dtype=str(params[0].dtype).removeprefix("torch."),
-                bytes=sum(t.numel() * t.element_size() for t in tensors),
-            )
-        )
+    """The SD3 components, then every reward model (built on first use, at the first step)."""
+    from marble_pl.rewards import PretrainedReward
+
+    rows = [
+        _row(name, getattr(module, name))
+        for name in SD3_COMPONENTS
+        if getattr(module, name, None) is not None
+    ]
+    for reward in module.rewards:
+        if isinstance(reward, PretrainedReward) and reward.scorer is not None:
+            rows.append(_row(f"reward: {reward.name}", reward.scorer))
     return rows
 
 
@@ -266,16 +253,9 @@ def preflight(
 
     raw = yaml.safe_load(Path(config).read_text()) or {}
     configured = _configured(raw)
-    rewards, stand_ins = stand_in_rewards(
-        (raw.get("model") or {}).get("rewards") or _defaults()["rewards"]
-    )
     skip = set(skip)
-    rewards = [
-        r
-        for r in rewards
-        if (r if isinstance(r, str) else r.get("alias", r.get("name"))) not in skip
-    ]
-    stand_ins = [s for s in stand_ins if s not in skip]
+    specs = (raw.get("model") or {}).get("rewards") or list(_defaults()["rewards"])
+    rewards = [r for r in specs if _reward_name(r) not in skip]
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     prompts = Path(tempfile.mkdtemp(prefix="marble-preflight-")) / "prompts.txt"
@@ -350,7 +330,6 @@ def preflight(
         lora_params=sum(p.numel() for p in module.lora_params),
         lora_bytes=sum(p.numel() * p.element_size() for p in lora),
         adapted=adapted,
-        stand_in_rewards=stand_ins,
         device=str(device)
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         run=run,

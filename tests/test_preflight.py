@@ -9,7 +9,7 @@ import pytest
 
 from marble_pl.cli import main
 from marble_pl.models import load_sd3
-from marble_pl.preflight import preflight, stand_in_rewards
+from marble_pl.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,6 @@ def test_preflight_of_the_tiny_config(configs, tiny_sd3_path):
         "attn.to_q": 2, "attn.to_k": 2, "attn.to_v": 2, "attn.to_out.0": 2,
         "attn2.to_q": 1, "attn2.to_k": 1, "attn2.to_v": 1, "attn2.to_out.0": 1,
     }  # fmt: skip
-    assert report.stand_in_rewards == []
     assert report.lora_params > 0 and report.lora_bytes == 2 * 4 * report.lora_params
     assert report.configured["timesteps"] == 3 and report.run["timesteps"] == 1
     assert set(report.phases) == {"rollout_s", "reward_s", "update_s", "step_s"}
@@ -100,12 +99,31 @@ def test_an_unknown_model_is_one_line(configs, capsys):
     assert err.startswith("marble: error: ") and "neither cached nor shipped" in err
 
 
-def test_pretrained_rewards_are_timed_with_named_stand_ins():
-    specs = ["brightness", {"name": "pickscore", "dtype": "bfloat16"}, {"name": "contrast"}]
-    rewards, stand_ins = stand_in_rewards(specs)
-    assert rewards == [
-        "brightness",
-        {"name": "brightness", "alias": "pickscore"},
-        {"name": "contrast"},
-    ]
-    assert stand_ins == ["pickscore"]  # the stand-in keeps the reward's name in the report
+def test_pretrained_rewards_are_built_with_random_weights_and_reported(
+    configs, tiny_sd3_path, tmp_path
+):
+    """A pretrained reward gets its architecture from its own config (here a tiny CLIP's
+    local config.json), random weights, and a row in the report."""
+    from test_reward_models import build_reward_weights
+
+    from marble_pl.rewards.pretrained import clip_architecture
+
+    clip_dir = build_reward_weights(tmp_path / "rw")["clip_dir"]
+    spec = f"{{name: clip_score, pretrained_model_name_or_path: {clip_dir}}}"
+    report = preflight(
+        configs / "tiny.yaml",
+        steps=1,
+        resolution=32,
+        skip=["compressibility"],
+        overrides=[
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            f"--model.rewards=[brightness, saturation, {spec}]",
+        ],
+    )
+    (row,) = [r for r in report.components if r.name == "reward: clip_score"]
+    config = clip_architecture(str(clip_dir))
+    from transformers import CLIPModel
+
+    assert row.cls == "CLIPModel" and row.params == sum(
+        p.numel() for p in CLIPModel(config).parameters()
+    )

@@ -160,3 +160,38 @@ def test_components_that_do_not_fit_are_one_line_before_building(overrides, mess
 def test_the_tiny_and_the_shipped_architectures_fit(tiny_sd3_path):
     for name in (tiny_sd3_path, SD35_MEDIUM):
         check_sd3_architecture(sd3_configs(name)[0])
+
+
+def test_the_five_reward_models_have_their_published_shapes(monkeypatch):
+    """Each pretrained reward's ``_build_random`` on the meta device: CLIP ViT-H-14 (PickScore,
+    HPSv2), ViT-L/14 (CLIP score: 427,616,513 parameters as published), its vision tower + MLP
+    (aesthetic), BLIP ViT-L/16 + BERT-base (ImageReward)."""
+    import marble_pl.random_weights as rw
+    from marble_pl.rewards import build_reward
+
+    def on_meta(build, dtype, seed=0):
+        with init_empty_weights(include_buffers=False):
+            return build()
+
+    monkeypatch.setattr(rw, "random_module", on_meta)
+    counts = {}
+    for name in ("pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward"):
+        reward = build_reward({"name": name, "local_files_only": True})
+        reward.random_weights = True
+        counts[name] = count(reward._build_random())
+        assert reward.transform is not None
+    assert counts["clip_score"] == 427_616_513
+    assert counts["pickscore"] == counts["hpsv2"] and 9.8e8 < counts["pickscore"] < 9.9e8
+    assert 3.0e8 < counts["aesthetic"] < 3.1e8 and 4.4e8 < counts["imagereward"] < 4.5e8
+
+
+def test_a_custom_pretrained_reward_without_random_weights_is_one_line():
+    from marble_pl.rewards.pretrained import PretrainedReward, RewardLoadError
+
+    class Custom(PretrainedReward):
+        pass
+
+    reward = Custom(name="mine")
+    reward.random_weights = True
+    with pytest.raises(RewardLoadError, match="'mine' .* cannot be built with random weights"):
+        reward.load()

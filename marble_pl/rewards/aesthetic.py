@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -14,6 +15,8 @@ from marble_pl.rewards.pretrained import (
     PreferenceMLP,
     PretrainedReward,
     RewardLoadError,
+    clip_architecture,
+    clip_crop_transform,
     hub_guard_errors,
     load_json,
     module_dtype,
@@ -140,6 +143,21 @@ class Aesthetic(PretrainedReward):
         self.transform = replace(
             ImageTransform.from_processor_config(config), crop_rounding="round"
         )
+        return AestheticScorer(vision, head)
+
+    def _build_random(self) -> nn.Module:
+        """CLIP ViT-L/14's vision tower and the MLP head at their real shapes, random weights."""
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        from marble_pl.random_weights import random_module
+
+        clip = clip_architecture(self.pretrained_model_name_or_path)
+        config = CLIPVisionConfig(
+            **clip.vision_config.to_dict() | {"projection_dim": clip.projection_dim}
+        )
+        vision = random_module(lambda: CLIPVisionModelWithProjection(config), self.torch_dtype)
+        head = random_module(lambda: PreferenceMLP(int(config.projection_dim)), torch.float32)
+        self.transform = replace(clip_crop_transform(int(config.image_size)), crop_rounding="round")
         return AestheticScorer(vision, head)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from marble_pl.rewards.pretrained import (
     ImageTransform,
     PretrainedReward,
+    byte_level_clip_tokenizer,
+    clip_architecture,
+    clip_crop_transform,
     clip_features,
     hub_guard_errors,
     load_json,
@@ -106,6 +109,17 @@ class CLIPRewardBase(PretrainedReward):
         model = self._load_clip()
         self._load_processor()
         return model
+
+    def _build_random(self) -> nn.Module:
+        """The CLIP of ``pretrained_model_name_or_path`` at its real shape, random weights."""
+        from transformers import CLIPModel
+
+        from marble_pl.random_weights import random_module
+
+        config = clip_architecture(self.pretrained_model_name_or_path)
+        self.tokenizer = byte_level_clip_tokenizer(self.max_length)
+        self.transform = clip_crop_transform(int(config.vision_config.image_size))
+        return random_module(lambda: CLIPModel(config), self.torch_dtype)
 
     def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Cosine similarity ``[N]`` of each image's and its prompt's CLIP embeddings."""

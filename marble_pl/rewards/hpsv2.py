@@ -21,7 +21,9 @@ from marble_pl.rewards.pretrained import (
     ImageTransform,
     PretrainedReward,
     RewardLoadError,
+    byte_level_clip_tokenizer,
     check_loading_info,
+    clip_architecture,
     clip_features,
     hub_guard_errors,
     module_dtype,
@@ -231,6 +233,24 @@ class HPSv2(PretrainedReward):
             clamp=False,
         )
         return model
+
+    def _build_random(self) -> nn.Module:
+        """ViT-H-14 (``pretrained_model_name_or_path``'s architecture) with random weights."""
+        from transformers import CLIPModel
+
+        from marble_pl.random_weights import random_module
+
+        config = clip_architecture(self.pretrained_model_name_or_path)
+        self.tokenizer = byte_level_clip_tokenizer(self.max_length)
+        self.transform = ImageTransform(
+            size=int(config.vision_config.image_size),
+            crop=None,
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
+            mode="pad",
+            clamp=False,
+        )
+        return random_module(lambda: CLIPModel(config), self.torch_dtype)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Cosine of the normalised image and text features (the authors' ``hps_score``)."""

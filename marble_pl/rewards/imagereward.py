@@ -362,6 +362,50 @@ class ImageReward(PretrainedReward):
         )
         return ImageRewardScorer(vision, text, head)
 
+    def _build_random(self) -> nn.Module:
+        """BLIP's ViT-L/16 and BERT-base with cross-attention (ImageReward's published shapes,
+        :mod:`marble_pl.architectures`) and the MLP head, random weights; a character-level
+        BERT tokenizer with ``[DEC]``/``[ENC]`` stands in for bert-base-uncased."""
+        from transformers import (
+            BertTokenizer,
+            BlipTextConfig,
+            BlipTextModel,
+            BlipVisionConfig,
+            BlipVisionModel,
+        )
+
+        from marble_pl.architectures import IMAGEREWARD_TEXT, IMAGEREWARD_VISION
+        from marble_pl.random_weights import random_module
+
+        chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+        tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        self.tokenizer = tokenizer
+        vision_cfg = BlipVisionConfig(**IMAGEREWARD_VISION)
+        text_cfg = BlipTextConfig(
+            **IMAGEREWARD_TEXT,
+            bos_token_id=tokenizer.bos_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            is_decoder=True,
+        )
+        vision = random_module(lambda: BlipVisionModel(vision_cfg), self.torch_dtype)
+        text = random_module(
+            lambda: BlipTextModel(text_cfg, add_pooling_layer=False), self.torch_dtype
+        )
+        head = random_module(lambda: PreferenceMLP(int(text_cfg.hidden_size)), torch.float32)
+        size = int(vision_cfg.image_size)
+        self.transform = ImageTransform(
+            size=size,
+            crop=(size, size),
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
+            crop_rounding="round",
+        )
+        return ImageRewardScorer(vision, text, head)
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """The authors' normalised reward of each image for its prompt."""
         scorer = self.scorer

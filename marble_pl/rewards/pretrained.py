@@ -422,12 +422,23 @@ class PretrainedReward(Reward):
         self.offload_to_cpu = bool(offload_to_cpu)
         object.__setattr__(self, "_hidden_model", None)
         self.model: nn.Module | None = None
+        self.random_weights = False
+        """Build the real architecture with random weights instead of loading it (set by
+        ``MarbleModule(random_weights=True)``; :meth:`_build_random`)."""
 
     # ---------------------------------------------------------------- subclass interface
 
     def _build(self) -> nn.Module:
         """Load and return the scoring module (weights in ``self.torch_dtype``, on the CPU)."""
         raise NotImplementedError
+
+    def _build_random(self) -> nn.Module:
+        """The scoring module at its real architecture with random weights (nothing read but
+        configs; byte-level tokenizers). Scores are noise; shapes, memory and time are real."""
+        raise RewardLoadError(
+            f"reward {self.name!r} ({type(self).__name__}) cannot be built with random weights: "
+            "it defines no _build_random(); leave it out of a model.random_weights run"
+        )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Scores ``[N]`` of images already on the model's device (float32 in ``[0, 1]``)."""
@@ -459,7 +470,8 @@ class PretrainedReward(Reward):
         scorer = self.scorer
         if scorer is not None:
             return scorer
-        scorer = self._build().eval().requires_grad_(False)
+        built = self._build_random() if self.random_weights else self._build()
+        scorer = built.eval().requires_grad_(False)
         if self.registered:
             self.model = scorer.to(device) if device is not None else scorer
         else:
@@ -562,3 +574,41 @@ def sqrt_int(n: int) -> int:
     if root * root != n:
         raise ValueError(f"{n} position embeddings (without the class token) is not a square grid")
     return root
+
+
+# ------------------------------------------------------------------ random weights
+
+
+def clip_architecture(name: str) -> Any:
+    """The ``CLIPConfig`` of ``name``: its local or cached ``config.json``, else the published
+    one shipped in :mod:`marble_pl.architectures`; a ``RewardLoadError`` for another model."""
+    from transformers import CLIPConfig
+
+    from marble_pl.architectures import shipped_clip_config
+
+    try:
+        return CLIPConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        shipped = shipped_clip_config(name)
+    if shipped is None:
+        raise RewardLoadError(
+            f"cannot build the CLIP {name!r} with random weights: its config.json is neither "
+            "local, cached nor shipped (shipped: PickScore_v1, CLIP-ViT-H-14, clip-vit-large-"
+            "patch14)"
+        )
+    return CLIPConfig(**shipped)
+
+
+def byte_level_clip_tokenizer(max_length: int = 77) -> Any:
+    """A CLIP tokenizer without files (byte-level, no merges): real token ids are not needed
+    to time a randomly initialised model."""
+    from marble_pl.models import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def clip_crop_transform(image_size: int) -> ImageTransform:
+    """CLIP's preprocessing: shortest edge to ``image_size``, centre crop, CLIP mean/std."""
+    return ImageTransform(size=image_size, crop=(image_size, image_size))
