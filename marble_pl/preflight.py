@@ -156,7 +156,7 @@ def _row(name: str, part: torch.nn.Module) -> ComponentRow:
 
 
 def _component_rows(module: Any) -> list[ComponentRow]:
-    """The SD3 components, then every reward model (built on first use, at the first step)."""
+    """The SD3 components, then every pretrained reward's model."""
     from marble_pl.rewards import PretrainedReward
 
     rows = [
@@ -250,6 +250,7 @@ def preflight(
     from marble_pl.cli import MarbleCLI
     from marble_pl.data import PromptDataModule
     from marble_pl.module import MarbleModule
+    from marble_pl.rewards import PretrainedReward
 
     raw = yaml.safe_load(Path(config).read_text()) or {}
     configured = _configured(raw)
@@ -301,6 +302,9 @@ def preflight(
         sys.argv = argv
     module, trainer = cli.model, cli.trainer
     module.configure_model()
+    for reward in module.rewards:  # built now, so the timed steps do not include building
+        if isinstance(reward, PretrainedReward):
+            reward.load()
     adapted = _adapted(module.transformer)
     lora = [p for n, p in module.transformer.named_parameters() if "lora_" in n]
     times = _StepTimes()
