@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SD35 = ROOT / "configs" / "sd35.yaml"
 
 
-def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkeypatch):
-    """configs/sd35.yaml with only the hub id (and GPU-only settings) swapped for a tiny model."""
+def sd35_cli(tmp_path: Path, tiny_sd3_path: Path, monkeypatch, *overrides: str) -> MarbleCLI:
+    """configs/sd35.yaml on the tiny model, run=False, its prompt files written in tmp_path."""
     data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(parents=True)
     (data / "train_prompts.txt").write_text("a cat\na dog\na red car\na blue boat\n")
     (data / "val_prompts.txt").write_text("a cat\na dog\n")
     monkeypatch.chdir(tmp_path)  # the config's relative prompt paths
-    cli = MarbleCLI(
+    return MarbleCLI(
         MarbleModule,
         PromptDataModule,
         seed_everything_default=0,
@@ -40,10 +40,15 @@ def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkey
             "--model.resolution=32",
             "--model.max_sequence_length=16",
             "--trainer.accelerator=cpu",
-            "--trainer.precision=32-true",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            *overrides,
         ],
     )
+
+
+def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkeypatch):
+    """configs/sd35.yaml with only the hub id (and GPU-only settings) swapped for a tiny model."""
+    cli = sd35_cli(tmp_path, tiny_sd3_path, monkeypatch, "--trainer.precision=32-true")
     model = cli.model
     assert model.reward_names == ["pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward"]
     hp = model.hparams
@@ -105,32 +110,16 @@ def run_sd35(tmp_path: Path, tiny_sd3_path: Path, monkeypatch, steps: int, *over
     """configs/sd35.yaml AS SHIPPED (bf16 weights, bf16-mixed, gradient checkpointing, KL,
     gramian every 4th step, every callback and the logger) on the tiny model, at 32 px, with
     cheap rewards and B = 2 x G = 3 on the CPU."""
-    data = tmp_path / "data"
-    data.mkdir(parents=True)
-    (data / "train_prompts.txt").write_text("a cat\na dog\na red car\na blue boat\n")
-    (data / "val_prompts.txt").write_text("a cat\na dog\n")
-    monkeypatch.chdir(tmp_path)  # the config's relative prompt paths
-    cli = MarbleCLI(
-        MarbleModule,
-        PromptDataModule,
-        seed_everything_default=0,
-        run=False,
-        args=[
-            "--config",
-            str(SD35),
-            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
-            "--model.local_files_only=true",
-            "--model.resolution=32",
-            "--model.max_sequence_length=16",
-            "--model.rewards=[brightness, saturation, compressibility]",
-            "--trainer.accelerator=cpu",
-            f"--trainer.max_steps={steps}",
-            "--trainer.limit_val_batches=1",
-            "--data.batch_size=2",
-            "--data.group_size=3",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            *overrides,
-        ],
+    cli = sd35_cli(
+        tmp_path,
+        tiny_sd3_path,
+        monkeypatch,
+        "--model.rewards=[brightness, saturation, compressibility]",
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=1",
+        "--data.batch_size=2",
+        "--data.group_size=3",
+        *overrides,
     )
     spy = FirstStep()
     cli.trainer.callbacks.append(spy)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_module import PROMPTS, make_module, randomise_lora_b
+from test_module import PROMPTS, make_module, nan_on_first_backward, randomise_lora_b
 
 from marble_pl.data import PromptDataModule
 from marble_pl.module import MarbleModule
@@ -84,17 +84,7 @@ def fit_traced(module, steps, ckpt_dir=None, ckpt_path=None) -> Trace:
 def test_scheduler_steps_every_step_and_drives_the_update(tiny_sd3_path, monkeypatch):
     """Step 0's update is NaN and skipped; the schedule still advances, so step i uses lr_i,
     and each taken update is exactly ``-lr_i * d_i`` (plain SGD, no clipping)."""
-    original, calls = MarbleModule.velocity, {"n": 0}
-
-    def nan_on_first_backward(self, x_t, t, embeds, pooled):
-        v = original(self, x_t, t, embeds, pooled)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 1:
-                return v * float("nan")
-        return v
-
-    monkeypatch.setattr(MarbleModule, "velocity", nan_on_first_backward)
+    nan_on_first_backward(monkeypatch)
     module = module_with_schedule(tiny_sd3_path)
     trace = fit_traced(module, steps=4)
     assert module.counters["skipped_nonfinite"] == 1

@@ -67,6 +67,21 @@ def randomise_lora_b(module: MarbleModule, adapters: tuple[str, ...] = ("default
                     params[name.replace(".default.", f".{adapter}.")].copy_(params[name])
 
 
+def nan_on_first_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first velocity computed with gradients NaN (one non-finite update)."""
+    original, calls = MarbleModule.velocity, {"n": 0}
+
+    def velocity(self, x_t, t, embeds, pooled):
+        v = original(self, x_t, t, embeds, pooled)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return v * float("nan")
+        return v
+
+    monkeypatch.setattr(MarbleModule, "velocity", velocity)
+
+
 def snapshot(module: MarbleModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 

@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from marble_pl.callbacks import CoefficientEMA, GradientCosineMonitor, PreemptionSignal
-from test_module import PROMPTS, fit, make_module, randomise_lora_b
+from test_module import PROMPTS, fit, make_module, nan_on_first_backward, randomise_lora_b
 
 from marble_pl.balance import MinNormSolver
 from marble_pl.data import PromptDataModule
@@ -250,18 +250,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tiny_sd3_path, monkeypa
 
 
 def test_one_nonfinite_update_is_skipped_and_counted(tiny_sd3_path, monkeypatch):
-    original = MarbleModule.velocity
-    calls = {"n": 0}
-
-    def nan_once(self, x_t, t, embeds, pooled):
-        v = original(self, x_t, t, embeds, pooled)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 1:
-                return v * float("nan")
-        return v
-
-    monkeypatch.setattr(MarbleModule, "velocity", nan_once)
+    nan_on_first_backward(monkeypatch)
     module = make_module(tiny_sd3_path)
     fit(module, steps=3)
     assert module.counters["skipped_nonfinite"] == 1 and module.counters["nonfinite_streak"] == 0

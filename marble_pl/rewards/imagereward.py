@@ -123,6 +123,17 @@ def blip_to_transformers(
     return vision, text, head, ignored
 
 
+def blip_transform(size: int) -> ImageTransform:
+    """BLIP's preprocessing: torchvision Resize + CenterCrop on the PIL image, CLIP mean/std."""
+    return ImageTransform(
+        size=size,
+        crop=(size, size),
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        crop_rounding="round",
+    )
+
+
 def _vision_config(vision: Mapping[str, Tensor], num_heads: int) -> dict[str, Any]:
     """BLIP ViT hyper-parameters read off the weights' shapes (only the heads are not)."""
     hidden = int(vision["embeddings.class_embedding"].shape[-1])
@@ -353,13 +364,7 @@ class ImageReward(PretrainedReward):
         check_loading_info(self.name, f"{path} (visual encoder)", vision_info)
         check_loading_info(self.name, f"{path} (text encoder)", text_info)
         size = int(vision_cfg.image_size)
-        self.transform = ImageTransform(  # torchvision Resize + CenterCrop on the PIL image
-            size=size,
-            crop=(size, size),
-            mean=OPENAI_CLIP_MEAN,
-            std=OPENAI_CLIP_STD,
-            crop_rounding="round",
-        )
+        self.transform = blip_transform(size)
         return ImageRewardScorer(vision, text, head)
 
     def _build_random(self) -> nn.Module:
@@ -397,13 +402,7 @@ class ImageReward(PretrainedReward):
         )
         head = random_module(lambda: PreferenceMLP(int(text_cfg.hidden_size)), torch.float32)
         size = int(vision_cfg.image_size)
-        self.transform = ImageTransform(
-            size=size,
-            crop=(size, size),
-            mean=OPENAI_CLIP_MEAN,
-            std=OPENAI_CLIP_STD,
-            crop_rounding="round",
-        )
+        self.transform = blip_transform(size)
         return ImageRewardScorer(vision, text, head)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
