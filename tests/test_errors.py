@@ -101,6 +101,7 @@ def _write(path: Path, data: bytes) -> str:
         ("--model.beta=2", ["model.beta must be in (0, 1]"]),
         ("--model.num_inference_steps=0", ["model.num_inference_steps"]),
         ("--data.seed=3", ["model.seed (0) and data.seed (3) differ", "--model.seed=3"]),
+        ("--model.rewards=[{name: pickscore, dtype: bf16}]", ["reward 'pickscore': dtype must"]),
     ],
 )
 def test_bad_setting_is_one_line_before_loading(marble_error, override, expected):

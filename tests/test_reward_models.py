@@ -29,6 +29,7 @@ from transformers import (
     CLIPModel,
 )
 
+from marble_pl.errors import ConfigError
 from marble_pl.models import ModelLoadError, tiny_clip_tokenizer
 from marble_pl.rewards import (
     Aesthetic,
@@ -639,9 +640,10 @@ def test_train_mode_keeps_dropout_off(weights):
 
 
 def test_bad_dtype_and_device_are_rejected_early():
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    """ConfigErrors (one line from `marble`, see test_errors), naming the reward."""
+    with pytest.raises(ConfigError, match="reward 'pickscore': dtype must be one of"):
         PickScore(dtype="float64")
-    with pytest.raises(ValueError, match="device must be None"):
+    with pytest.raises(ConfigError, match="reward 'hpsv2': device must be None"):
         HPSv2(device="gpu-please")
 
 

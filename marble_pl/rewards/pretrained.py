@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marble_pl.errors import ConfigError
 from marble_pl.models import TORCH_DTYPES, ModelLoadError, env_offline, looks_like_local_path
 from marble_pl.rewards.base import Reward
 
@@ -414,11 +415,14 @@ class PretrainedReward(Reward):
         try:
             self.pinned_device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"reward {self.name!r}: device must be None (follow the training module) or a "
                 f"torch device string such as 'cuda:1' or 'cpu', got {device!r}"
             ) from err
-        self.torch_dtype = parse_dtype(dtype)
+        try:
+            self.torch_dtype = parse_dtype(dtype)
+        except ValueError as err:  # one line at config time, naming the reward
+            raise ConfigError(f"reward {self.name!r}: {err}") from None
         self.offload_to_cpu = bool(offload_to_cpu)
         object.__setattr__(self, "_hidden_model", None)
         self.model: nn.Module | None = None
