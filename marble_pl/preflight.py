@@ -59,6 +59,7 @@ class PreflightReport:
     estimate: dict[str, float] = field(default_factory=dict)
     peak_bytes: int = 0
     peak_kind: str = ""
+    phase_peaks: dict[str, int] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The report as markdown tables."""
@@ -86,13 +87,15 @@ class PreflightReport:
             f"{cfg['group_size']}, {cfg['num_inference_steps']} sampler steps, "
             f"{cfg['timesteps']} timesteps per image.",
             "",
-            "| phase | measured (s) | estimate at the configured size (s) |",
-            "| --- | ---: | ---: |",
+            "| phase | measured (s) | estimate at the configured size (s) | peak memory (GiB) |",
+            "| --- | ---: | ---: | ---: |",
         ]
         for phase in ("rollout_s", "reward_s", "update_s", "step_s"):
+            peak = self.phase_peaks.get(phase, self.peak_bytes if phase == "step_s" else None)
             lines.append(
                 f"| {phase.removesuffix('_s')} | {self.phases.get(phase, float('nan')):.2f} | "
-                f"{self.estimate.get(phase, float('nan')):.1f} |"
+                f"{self.estimate.get(phase, float('nan')):.1f} | "
+                f"{'n/a' if peak is None else f'{peak / GIB:.2f}'} |"
             )
         lines += [
             "",
@@ -206,11 +209,68 @@ class _StepTimes(Callback):
         self.steps.append(timing)
 
 
-def _peak(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "CUDA max_memory_allocated"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return int(kib) * 1024, "process peak RSS, CPU"
+class PhasePeaks(Callback):
+    """Peak memory of each phase of a step: CUDA's ``max_memory_allocated``, or on Linux CPUs the
+    process's peak RSS (``VmHWM``), reset at each phase through ``/proc/self/clear_refs``.
+
+    ``rollout_batch`` and ``score`` are wrapped on the module instance; the update phase is the
+    rest of the step (training pairs, gradients, balance, optimizer step), as the step's timing.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS, CPU"
+        self.peaks: dict[str, int] = {}
+        self.per_phase = device.type == "cuda" or self._reset_rss()
+
+    def _reset_rss(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.per_phase:
+            self._reset_rss()
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.per_phase:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+    def _record(self, phase: str) -> None:
+        self.peaks[phase] = max(self.peaks.get(phase, 0), self.read())
+        self.reset()
+
+    def wrap(self, module: Any, method: str, phase: str) -> None:
+        """Record ``phase``'s peak around ``module.<method>`` (an instance attribute)."""
+        original = getattr(module, method)
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            self.reset()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._record(phase)
+
+        setattr(module, method, measured)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._record("update_s")
+
+    @property
+    def overall(self) -> int:
+        return max([*self.peaks.values(), self.read()])
 
 
 def _estimate(
@@ -308,10 +368,13 @@ def preflight(
     adapted = _adapted(module.transformer)
     lora = [p for n, p in module.transformer.named_parameters() if "lora_" in n]
     times = _StepTimes()
-    trainer.callbacks.append(times)
     device = trainer.strategy.root_device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = PhasePeaks(device)
+    if memory.per_phase:
+        memory.wrap(module, "rollout_batch", "rollout_s")
+        memory.wrap(module, "score", "reward_s")
+    trainer.callbacks += [times, memory]
+    memory.reset()
     trainer.fit(module, cli.datamodule)
     measured = times.steps[1:] or times.steps  # the first step includes warm-up
     phases = {k: statistics.median(s[k] for s in measured) for k in measured[0]}
@@ -328,7 +391,6 @@ def preflight(
     )
     cell = module.vae_scale_factor * module.patch_size
     text_tokens = 77 + (configured["max_sequence_length"] or 0)
-    peak, kind = _peak(device)
     return PreflightReport(
         components=_component_rows(module),
         lora_params=sum(p.numel() for p in module.lora_params),
@@ -340,8 +402,9 @@ def preflight(
         configured=configured,
         phases=phases,
         estimate=_estimate(phases, run, configured, text_tokens, cell),
-        peak_bytes=peak,
-        peak_kind=kind,
+        peak_bytes=memory.overall,
+        peak_kind=memory.kind,
+        phase_peaks=dict(memory.peaks) if memory.per_phase else {},
     )
 
 

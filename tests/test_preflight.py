@@ -45,12 +45,18 @@ def test_preflight_of_the_tiny_config(configs, tiny_sd3_path):
     assert report.configured["timesteps"] == 3 and report.run["timesteps"] == 1
     assert set(report.phases) == {"rollout_s", "reward_s", "update_s", "step_s"}
     assert all(v > 0 for v in report.phases.values()) and report.peak_bytes > 0
+    # Per-phase peaks (Linux: peak RSS reset at each phase; CUDA: max_memory_allocated).
+    assert set(report.phase_peaks) == {"rollout_s", "reward_s", "update_s"}
+    assert all(0 < v <= report.peak_bytes for v in report.phase_peaks.values())
     # The estimate: images 8 / 2, rollout steps 6 / 2, training timesteps 3 / 1, same tokens.
     assert report.estimate["rollout_s"] == pytest.approx(report.phases["rollout_s"] * 4 * 3)
     assert report.estimate["update_s"] == pytest.approx(report.phases["update_s"] * 4 * 3)
     assert report.estimate["reward_s"] == pytest.approx(report.phases["reward_s"] * 4)
     text = report.markdown()
     assert "| transformer | SD3Transformer2DModel |" in text and "| attn2.to_q | 1 |" in text
+    assert (
+        "| phase | measured (s) | estimate at the configured size (s) | peak memory (GiB) |" in text
+    )
 
 
 def test_marble_preflight_command_writes_its_report(configs, tiny_sd3_path, capsys):
