@@ -8,6 +8,9 @@ override is applied. What marble adds to Lightning's CLI:
 
 - resuming is explicit (:mod:`marble_pl.resume`): a plain ``fit`` starts a new run;
 - user errors print one line, ``marble: error: ...``, and exit with code 2;
+- ``--random-weights`` is short for ``--model.random_weights=true`` (real architectures, random
+  weights, nothing downloaded: :mod:`marble_pl.random_weights`); ``marble preflight`` reports
+  them and times a few steps (:mod:`marble_pl.preflight`);
 - a run stopped by ``SIGTERM`` (or a signal ``PreemptionSignal`` forwards) exits with
   ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1) after its checkpoint is written.
 """
@@ -53,6 +56,11 @@ def _class_path(spec: Any) -> str:
         )
         return str(value or "")
     return type(spec).__module__ + "." + type(spec).__qualname__
+
+
+RANDOM_WEIGHTS_FLAG = "--random-weights"
+RANDOM_WEIGHTS_ARG = "--model.random_weights=true"
+"""``marble fit --random-weights``: every model at its real architecture with random weights."""
 
 
 def check_shared_settings(cfg: Namespace) -> None:
@@ -215,6 +223,12 @@ def _main(args: list[str] | None = None) -> None:
         install_notice_filters()
         raise SystemExit(preflight_main(list(argv[1:])))
     install_notice_filters()
+    if isinstance(argv, list | tuple) and RANDOM_WEIGHTS_FLAG in argv:  # the short spelling
+        spelled = [RANDOM_WEIGHTS_ARG if a == RANDOM_WEIGHTS_FLAG else a for a in argv]
+        if args is None:
+            sys.argv = [sys.argv[0], *spelled]
+        else:
+            args = spelled
     MarbleCLI(
         MarbleModule,
         PromptDataModule,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.models.normalization import RMSNorm
@@ -195,3 +199,18 @@ def test_a_custom_pretrained_reward_without_random_weights_is_one_line():
     reward.random_weights = True
     with pytest.raises(RewardLoadError, match="'mine' .* cannot be built with random weights"):
         reward.load()
+
+
+def test_marble_fit_random_weights_flag(tmp_path, tiny_sd3_path, monkeypatch, capsys):
+    """``marble fit --random-weights`` is ``--model.random_weights=true``: the saved config says so."""
+    from test_errors import tiny_fit_args
+
+    from marble_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
+    monkeypatch.setattr(sys, "argv", ["marble"])
+    args = tiny_fit_args(tiny_sd3_path, tmp_path, "--trainer.max_steps=1", "--random-weights")
+    main(args)
+    (saved,) = (tmp_path / "runs").rglob("config.yaml")
+    assert yaml.safe_load(saved.read_text())["model"]["random_weights"] is True
