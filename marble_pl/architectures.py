@@ -70,36 +70,36 @@ _SD3_VAE: dict[str, Any] = {
     "mid_block_add_attention": True,
 }
 
-# CLIP ViT-L/14's text tower (OpenAI), with its projection.
-_CLIP_L_TEXT: dict[str, Any] = {
+# What every CLIP text tower here shares: CLIP's BPE vocabulary and 77-token context.
+_CLIP_TEXT_COMMON: dict[str, Any] = {
     "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "projection_dim": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
     "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "bos_token_id": 0,
     "eos_token_id": 2,
     "pad_token_id": 1,
 }
 
+# CLIP ViT-L/14's text tower (OpenAI), with its projection.
+_CLIP_L_TEXT: dict[str, Any] = {
+    **_CLIP_TEXT_COMMON,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+}
+
 # OpenCLIP ViT-bigG/14's text tower, with its projection.
 _CLIP_G_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
+    **_CLIP_TEXT_COMMON,
     "hidden_size": 1280,
     "intermediate_size": 5120,
     "projection_dim": 1280,
     "num_hidden_layers": 32,
     "num_attention_heads": 20,
-    "max_position_embeddings": 77,
     "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
 }
 
 # T5 v1.1 XXL's encoder (gated GELU), 4.8 B parameters.
@@ -146,17 +146,12 @@ def shipped_sd3_configs(name: str) -> dict[str, dict[str, Any]] | None:
 _CLIP_VIT_H_14: dict[str, Any] = {
     "projection_dim": 1024,
     "text_config": {
-        "vocab_size": 49408,
+        **_CLIP_TEXT_COMMON,
         "hidden_size": 1024,
         "intermediate_size": 4096,
         "num_hidden_layers": 24,
         "num_attention_heads": 16,
-        "max_position_embeddings": 77,
         "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
     },
     "vision_config": {
         "hidden_size": 1280,
@@ -174,17 +169,12 @@ _CLIP_VIT_H_14: dict[str, Any] = {
 _CLIP_VIT_L_14: dict[str, Any] = {
     "projection_dim": 768,
     "text_config": {
-        "vocab_size": 49408,
+        **_CLIP_TEXT_COMMON,
         "hidden_size": 768,
         "intermediate_size": 3072,
         "num_hidden_layers": 12,
         "num_attention_heads": 12,
-        "max_position_embeddings": 77,
         "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
     },
     "vision_config": {
         "hidden_size": 1024,
