@@ -288,6 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="with --config: the config's SD3 and reward models at their real architecture "
         "with random weights (model.random_weights; nothing downloaded)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS)[1:],
+        default=list(VARIANTS)[1:],
+        help="the variants to time against `single` (default: all); each holds its own models, "
+        "so fewer fit a GPU at real shape",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the test suite")
     parser.add_argument("--out", default="runs/step_time/step_time.md")
     args, cli_args = parser.parse_known_args(argv)
@@ -305,13 +313,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
+        chosen = list(dict.fromkeys(args.variants))
         if args.config is not None:
-            multi = {n: build_from_config(args, n, cli_args) for n in list(VARIANTS)[1:]}
-            first = multi["weighted_sum"][0].hparams.rewards[0]
+            multi = {n: build_from_config(args, n, cli_args) for n in chosen}
+            first = next(iter(multi.values()))[0].hparams.rewards[0]
             variants = {"single": build_from_config(args, "single", cli_args, first), **multi}
         else:
             model = args.model or str(build_tiny_sd3(Path(tmp) / "tiny_sd3", seed=0))
-            variants = {name: build(args, model, o) for name, o in VARIANTS.items()}
+            variants = {n: build(args, model, VARIANTS[n]) for n in ["single", *chosen]}
         for variant in variants.values():  # warm-up, untimed
             run_round(variant, args.warmup)
             variant[3].steps.clear()
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"device {args.device}, threads {torch.get_num_threads()}"
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    module, _, data, _ = variants["marble_output"]
+    module, _, data, _ = variants[chosen[0]]
     hp = module.hparams
     source = args.config or args.model
     model_text = f"{source} ({hp.pretrained_model_name_or_path})" if source else "tiny random SD3"

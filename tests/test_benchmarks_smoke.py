@@ -329,6 +329,17 @@ def test_step_time_with_random_weights(tmp_path, tiny_sd3_path, monkeypatch):
         module.main(["--smoke", "--random-weights", "--out", str(tmp_path / "x.md")])
 
 
+def test_step_time_times_a_subset_of_variants(tmp_path):
+    """``--variants``: only those (and the single-reward reference) are built and timed."""
+    module = _load("step_time")
+    out = tmp_path / "st.md"
+    result = module.main(["--smoke", "--variants", "marble_gramian", "--out", str(out)])
+    assert [r["variant"] for r in result["rows"]] == ["single", "marble_gramian"]
+    assert "| marble_gramian |" in out.read_text() and "| weighted_sum |" not in out.read_text()
+    with pytest.raises(SystemExit):
+        module.main(["--smoke", "--variants", "single", "--out", str(out)])
+
+
 def test_step_time_rejects_cli_overrides_without_a_config(tmp_path):
     module = _load("step_time")
     with pytest.raises(SystemExit):
