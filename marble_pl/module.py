@@ -259,11 +259,12 @@ class MarbleModule(LightningModule):
         eval_num_inference_steps: sampler steps of validation and sample grids (deterministic,
             as DiffusionNFT evaluates at 40); None: the rollout's ``num_inference_steps``.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
-        random_weights: build every SD3 component at its REAL architecture with random weights
-            instead of loading them (:mod:`marble_pl.random_weights`: configs from the local
-            directory or cache, else the published ones shipped for SD3.5 Medium; nothing is
-            downloaded). Shapes, memory and time are real, images are noise: for
-            ``marble preflight``-style checks and benchmarks where no weights can be had.
+        random_weights: build every SD3 component and every pretrained reward model at its
+            REAL architecture with random weights instead of loading them
+            (:mod:`marble_pl.random_weights`: configs from the local directory or cache, else
+            the published ones shipped in :mod:`marble_pl.architectures`; nothing is
+            downloaded). Shapes, memory and time are real, images and scores are noise: for
+            ``marble preflight`` and benchmarks where no weights can be had.
         architecture_overrides: with ``random_weights``, config entries changed per component,
             e.g. ``{transformer: {num_layers: 2, dual_attention_layers: [0]}}``.
     """

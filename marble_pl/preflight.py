@@ -1,10 +1,11 @@
 """``marble preflight --config <fit YAML>``: the config's models at their REAL architecture with
 random weights (nothing downloaded), what LoRA adapts, and timed MARBLE steps.
 
-Every SD3 component is built as ``model.random_weights`` builds it (:mod:`marble_pl.random_weights`),
-reported per component (parameters, dtype, memory), then ``--steps`` real MARBLE training steps
-run at a reduced resolution and batch on the device at hand, with the time of each phase and the
-peak memory, and an extrapolation to the configured resolution and batch per GPU.
+Every SD3 component and pretrained reward model is built as ``model.random_weights`` builds it
+(:mod:`marble_pl.random_weights`), reported per component (parameters, dtype, memory), then
+``--steps`` real MARBLE training steps run at a reduced resolution and batch on the device at
+hand, with the time and peak memory of each phase, and an extrapolation to the resolution and
+batch per GPU of the config file (its YAML values; class defaults where it sets none).
 """
 
 from __future__ import annotations
