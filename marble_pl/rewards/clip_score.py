@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from marble_pl.models import tiny_clip_tokenizer
 from marble_pl.rewards.pretrained import (
     ImageTransform,
     PretrainedReward,
-    byte_level_clip_tokenizer,
     clip_architecture,
     clip_crop_transform,
     clip_features,
@@ -117,7 +117,7 @@ class CLIPRewardBase(PretrainedReward):
         from marble_pl.random_weights import random_module
 
         config = clip_architecture(self.pretrained_model_name_or_path)
-        self.tokenizer = byte_level_clip_tokenizer(self.max_length)
+        self.tokenizer = tiny_clip_tokenizer()  # byte-level: no files
         self.transform = clip_crop_transform(int(config.vision_config.image_size))
         return random_module(lambda: CLIPModel(config), self.torch_dtype)
 

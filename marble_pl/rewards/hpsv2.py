@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from marble_pl.models import tiny_clip_tokenizer
 from marble_pl.rewards.clip_score import LAION_CLIP_H
 from marble_pl.rewards.pretrained import (
     OPENAI_CLIP_MEAN,
@@ -21,7 +22,6 @@ from marble_pl.rewards.pretrained import (
     ImageTransform,
     PretrainedReward,
     RewardLoadError,
-    byte_level_clip_tokenizer,
     check_loading_info,
     clip_architecture,
     clip_features,
@@ -241,7 +241,7 @@ class HPSv2(PretrainedReward):
         from marble_pl.random_weights import random_module
 
         config = clip_architecture(self.pretrained_model_name_or_path)
-        self.tokenizer = byte_level_clip_tokenizer(self.max_length)
+        self.tokenizer = tiny_clip_tokenizer()  # byte-level: no files
         self.transform = ImageTransform(
             size=int(config.vision_config.image_size),
             crop=None,

@@ -603,16 +603,6 @@ def clip_architecture(name: str) -> Any:
     return CLIPConfig(**shipped)
 
 
-def byte_level_clip_tokenizer(max_length: int = 77) -> Any:
-    """A CLIP tokenizer without files (byte-level, no merges): real token ids are not needed
-    to time a randomly initialised model."""
-    from marble_pl.models import tiny_clip_tokenizer
-
-    tokenizer = tiny_clip_tokenizer()
-    tokenizer.model_max_length = max_length
-    return tokenizer
-
-
 def clip_crop_transform(image_size: int) -> ImageTransform:
     """CLIP's preprocessing: shortest edge to ``image_size``, centre crop, CLIP mean/std."""
     return ImageTransform(size=image_size, crop=(image_size, image_size))
