@@ -63,26 +63,30 @@ class RandomSD3:
     """``pretrained`` (the model's own files) or ``byte-level`` (no tokenizer files found)."""
 
 
-def _read_local(root: Path) -> dict[str, dict[str, Any]] | None:
+def _collect(locate: Callable[[str], Path | None]) -> dict[str, dict[str, Any]] | None:
+    """Every component config ``locate`` finds; None unless all the required ones are there."""
     found = {}
     for name, rel in _CONFIG_FILES.items():
-        file = root / rel
-        if file.is_file():
+        file = locate(rel)
+        if file is not None:
             found[name] = json.loads(file.read_text())
     return found if set(_CONFIG_FILES) - _OPTIONAL <= set(found) else None
+
+
+def _read_local(root: Path) -> dict[str, dict[str, Any]] | None:
+    return _collect(lambda rel: root / rel if (root / rel).is_file() else None)
 
 
 def _read_cache(repo_id: str, revision: str | None) -> dict[str, dict[str, Any]] | None:
     from huggingface_hub import hf_hub_download
 
-    found = {}
-    for name, rel in _CONFIG_FILES.items():
+    def cached(rel: str) -> Path | None:
         try:
-            file = hf_hub_download(repo_id, rel, revision=revision, local_files_only=True)
+            return Path(hf_hub_download(repo_id, rel, revision=revision, local_files_only=True))
         except Exception:  # not cached (or not a valid repo id): this file is absent
-            continue
-        found[name] = json.loads(Path(file).read_text())
-    return found if set(_CONFIG_FILES) - _OPTIONAL <= set(found) else None
+            return None
+
+    return _collect(cached)
 
 
 def sd3_configs(
@@ -191,11 +195,8 @@ def _tokenizers(name: str, revision: str | None, with_t5: bool) -> tuple[Any, An
             raise OSError("tokenizer files not found")
         return t1, t2, t3, "pretrained"
     except (OSError, ValueError):
-        t1, t2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-        for tok in (t1, t2):  # CLIP's context: what the pipeline pads and truncates to
-            tok.model_max_length = 77
         t3 = tiny_t5_tokenizer() if with_t5 else None
-        return t1, t2, t3, "byte-level"
+        return tiny_clip_tokenizer(), tiny_clip_tokenizer(), t3, "byte-level"
 
 
 def check_sd3_architecture(configs: Mapping[str, Mapping[str, Any]]) -> None:
