@@ -63,6 +63,7 @@ from marble_pl.models import (
 from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
 from marble_pl.random_weights import build_random_sd3, random_weights_resolution_multiple
 from marble_pl.rewards import PretrainedReward, build_rewards
+from marble_pl.rewards.base import Metadata
 from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
 from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
@@ -596,9 +597,14 @@ class MarbleModule(LightningModule):
             )
 
     @torch.no_grad()
-    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        """``R [N, K]``: every reward on every image (float32)."""
-        return torch.stack([rw(images, prompts).float() for rw in self.rewards], dim=1)
+    def score(
+        self, images: Tensor, prompts: Sequence[str], metadata: Metadata | None = None
+    ) -> Tensor:
+        """``R [N, K]``: every reward on every image (float32); ``metadata``: one dict per image
+        (the prompt's source and fields), passed to the rewards that take it."""
+        return torch.stack(
+            [rw(images, prompts, metadata=metadata).float() for rw in self.rewards], dim=1
+        )
 
     def _check_finite(self, rewards: Tensor) -> Tensor:
         """Apply the non-finite policy: a clear error, or a mask of the rows to neutralise."""
@@ -781,7 +787,7 @@ class MarbleModule(LightningModule):
         t1 = time.perf_counter()
 
         # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
-        rewards = self.score(out.images, prompts)
+        rewards = self.score(out.images, prompts, batch.get("metadata"))
         bad = self._check_finite(rewards)
         r_each = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)  # [N, K]
         mix = self.balancer.mix()  # None: per reward; w: ONE estimator on R @ w (the baselines)
@@ -1239,7 +1245,7 @@ class MarbleModule(LightningModule):
             adapter=self.eval_adapter,
             config=self.eval_rollout_config,
         )
-        rewards = self.score(out.images, prompts)
+        rewards = self.score(out.images, prompts, batch.get("metadata"))
         for k, name in enumerate(self.reward_names):
             metric = self.val_rewards[_metric_key(name)]
             values = rewards[:, k]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +12,11 @@ from torch import Tensor
 
 from marble_pl.errors import ConfigError
 
-__all__ = ["NAME_PATTERN", "Reward", "check_reward_name"]
+__all__ = ["NAME_PATTERN", "Metadata", "Reward", "check_reward_name"]
+
+Metadata = Sequence[Mapping[str, Any]]
+"""One dict per image: the prompt's ``source`` (e.g. ``"ocr"``) and its data set's fields
+(GenEval's ``tag``, ``include``, ...). Empty dicts for plain prompt files."""
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _RANGE_TOL = 1e-3
@@ -33,6 +38,11 @@ class Reward(torch.nn.Module):
     An nn.Module so Lightning moves its weights to the device. Calling it validates the inputs and
     output shape and scores under `torch.no_grad()`. Non-finite scores are passed through
     unchanged: the training module owns the NaN/inf policy (error or drop, never silent zeros).
+
+    Specialist rewards (OCR, GenEval) apply to some prompts only: :meth:`applicable` says which
+    (default: all), and ``forward`` may take a ``metadata`` argument (one dict per image, see
+    :data:`Metadata`) to read the prompt's fields. A score where the reward does not apply is
+    ignored (the official convention is NaN there); it is neither an error nor a drop.
     """
 
     name: str = ""
@@ -46,10 +56,41 @@ class Reward(torch.nn.Module):
         """Score each image against its prompt; subclasses implement this."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(images, prompts)")
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:
+    def applicable(self, prompts: Sequence[str], metadata: Metadata | None = None) -> Tensor:
+        """``BoolTensor[N]``: the samples this reward scores (default: every one).
+
+        Specialist rewards override it (OCR: prompts with quoted text). Decided from the prompt
+        and its metadata alone, before any image is scored, so every rank agrees on it.
+        """
+        return torch.ones(len(prompts), dtype=torch.bool)
+
+    @classmethod
+    def takes_metadata(cls) -> bool:
+        """Whether ``forward`` accepts ``metadata=`` (rewards written before it existed do not)."""
+        params = inspect.signature(cls.forward).parameters
+        return "metadata" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
+
+    def __call__(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        *args: Any,
+        metadata: Metadata | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         """Validate inputs, score under no_grad, and check that the output is a float32 [N]."""
         label = self.name or type(self).__name__
         _check_inputs(label, images, prompts)
+        if metadata is not None:
+            if len(metadata) != len(prompts):
+                raise ValueError(
+                    f"reward {label!r}: got {len(prompts)} prompts but {len(metadata)} metadata "
+                    "entries: pass one dict per image"
+                )
+            if self.takes_metadata():
+                kwargs["metadata"] = metadata
         with torch.no_grad():
             scores = super().__call__(images, prompts, *args, **kwargs)
         n = images.shape[0]
