@@ -17,6 +17,7 @@ __all__ = [
     "SD35_MEDIUM",
     "SD3_COMPONENT_CLASSES",
     "shipped_clip_config",
+    "shipped_mask2former_config",
     "shipped_sd3_configs",
 ]
 
@@ -199,6 +200,44 @@ def shipped_clip_config(name: str) -> dict[str, Any] | None:
     """A copy of the shipped CLIPConfig kwargs of hub id ``name``; None for another model."""
     config = _CLIP_BY_ID.get(name.rstrip("/"))
     return None if config is None else copy.deepcopy(config)
+
+
+# Mask2Former Swin-S, COCO instance segmentation (GenEval's detector): Swin-S backbone (embed 96,
+# depths 2-2-18-2, window 7), 6-layer deformable pixel decoder, 10-layer masked-attention decoder,
+# 100 queries, 80 COCO classes (labels left generic: GenEval reads them in COCO's order).
+_MASK2FORMER_SWIN_S_COCO: dict[str, Any] = {
+    "backbone_config": {
+        "model_type": "swin",
+        "image_size": 224,
+        "patch_size": 4,
+        "embed_dim": 96,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 7,
+        "mlp_ratio": 4.0,
+        "drop_path_rate": 0.3,
+        "out_features": ["stage1", "stage2", "stage3", "stage4"],
+    },
+    "feature_size": 256,
+    "mask_feature_size": 256,
+    "hidden_dim": 256,
+    "encoder_feedforward_dim": 1024,
+    "encoder_layers": 6,
+    "decoder_layers": 10,
+    "num_attention_heads": 8,
+    "dim_feedforward": 2048,
+    "num_queries": 100,
+    "common_stride": 4,
+    "feature_strides": [4, 8, 16, 32],
+    "num_labels": 80,
+}
+
+
+def shipped_mask2former_config(name: str) -> dict[str, Any] | None:
+    """A copy of the shipped Mask2FormerConfig kwargs of hub id ``name``; None for another."""
+    if name.rstrip("/") != "facebook/mask2former-swin-small-coco-instance":
+        return None
+    return copy.deepcopy(_MASK2FORMER_SWIN_S_COCO)
 
 
 # ImageReward (THUDM/ImageReward): BLIP's ViT-L/16 at 224 px, and BERT-base with cross-attention

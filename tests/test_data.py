@@ -393,3 +393,23 @@ def test_resume_mid_epoch_continues_the_order_without_warning(
         )
     assert part + rest == full
     assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+# --- metadata in the batch ----------------------------------------------------------------
+
+
+def test_batches_carry_each_prompts_metadata(tmp_path: Path) -> None:
+    """A .txt line's metadata is {}; a .jsonl line's is its whole object, aligned with prompts."""
+    txt = PromptDataModule(str(_prompts_file(tmp_path, 4)), batch_size=2, group_size=3)
+    txt.setup("fit")
+    assert next(iter(txt.train_dataloader()))["metadata"] == [{}] * 6
+    lines = [{"prompt": f"p{i}", "tag": "counting", "include": [{"count": i}]} for i in range(4)]
+    path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
+    dm = PromptDataModule(str(path), str(path), batch_size=2, group_size=3, val_batch_size=4)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
+        assert [m["prompt"] for m in batch["metadata"]] == batch["prompts"]
+        assert [m["include"][0]["count"] for m in batch["metadata"][::3]] == [
+            int(p[1:]) for p in batch["prompts"][::3]
+        ]
+    assert next(iter(dm.val_dataloader()))["metadata"] == lines

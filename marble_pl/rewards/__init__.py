@@ -4,6 +4,8 @@ from marble_pl.rewards import builtin as _builtin  # noqa: F401  (registers the 
 from marble_pl.rewards.aesthetic import Aesthetic
 from marble_pl.rewards.base import Reward
 from marble_pl.rewards.clip_score import CLIPScore
+from marble_pl.rewards.geneval import GenEvalReward
+from marble_pl.rewards.geneval_remote import GenEvalRemote
 from marble_pl.rewards.hpsv2 import HPSv2
 from marble_pl.rewards.imagereward import ImageReward
 from marble_pl.rewards.pickscore import PickScore
@@ -18,6 +20,8 @@ from marble_pl.rewards.registry import (
 __all__ = [
     "Aesthetic",
     "CLIPScore",
+    "GenEvalRemote",
+    "GenEvalReward",
     "HPSv2",
     "ImageReward",
     "PickScore",
