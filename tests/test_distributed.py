@@ -121,8 +121,14 @@ def test_global_advantage_std_spans_the_ranks(tmp_path, tiny_sd3_path, balancer)
 
 
 def shipped_rewards() -> list[str]:
-    """The rewards the package registers (this process's registry also holds the tests' own)."""
-    code = "from marble_pl.rewards import available_rewards; print(*available_rewards())"
+    """The rewards the package registers that score every prompt (specialists such as GenEval
+    and OCR need their data sets' metadata), read in a fresh process: this process's registry
+    also holds the tests' own."""
+    code = (
+        "from marble_pl.rewards import Reward, available_rewards\n"
+        "from marble_pl.rewards.registry import _REGISTRY\n"
+        "print(*(n for n in available_rewards() if _REGISTRY[n].applicable is Reward.applicable))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return sorted(out.stdout.split())
 
