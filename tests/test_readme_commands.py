@@ -1,0 +1,51 @@
+"""The README's two set-up commands are the ones CI runs (issue 23, item 1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_command(which: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "readme_command.py"), which],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_ci_runs_the_readme_test_command_as_written():
+    test = _readme_command("test")
+    assert test == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'test_command="$(python3 .ci/readme_command.py test)"' in ci
+    assert 'bash -euo pipefail -c "$test_command"' in ci
+    assert "pytest" not in ci.split('bash -euo pipefail -c "$test_command"')[1]  # no second run
+
+
+def test_readme_main_command_runs_the_tiny_config():
+    main = _readme_command("main")
+    assert main.startswith("pip install torch==2.13.0 && pip install -e . && ")
+    assert main.endswith("marble fit --config configs/tiny.yaml")
+
+
+def test_test_extra_installs_what_the_tests_import():
+    """``.[test]`` alone must run every test: torchjd (toy study, balancers) included."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI: 3.11)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].split("!")[0] for d in extras["test"]}
+    for needed in ("pytest", "torchjd", "scipy", "matplotlib", "pyyaml"):
+        assert needed in names, needed
+    for balancer_dep in extras["balancers"]:
+        assert balancer_dep in extras["test"], balancer_dep
+    assert importlib.util.find_spec("torchjd") is not None
