@@ -93,6 +93,29 @@ def test_print_config(config, capsys):
     assert "balancer: marble" in out and "pretrained_model_name_or_path" in out
 
 
+def test_interpolations_follow_command_line_overrides(capsys, tmp_path):
+    """``${data.val_file}`` and ``${trainer.logger.init_args.save_dir}`` resolve after the
+    overrides: moving the referenced key moves the values that name it (issue 23, item 4)."""
+    val = tmp_path / "val.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                f"--data.val_file={val}",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    grid = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SampleGrid")]
+    assert grid[0]["init_args"]["prompt_file"] == str(val)
+    assert cfg["model"]["pretrained_model_name_or_path"] == f"{tmp_path / 'runs'}/tiny-sd3"
+    assert "${" not in str(cfg)
+
+
 class FirstStep(Callback):
     """Keeps the first step's record (per-reward gradients) and the logged metrics of each step."""
 

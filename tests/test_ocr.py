@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import types
 import warnings
@@ -25,6 +26,7 @@ from marble_pl.architectures import TROCR_BASE_PRINTED
 from marble_pl.errors import ConfigError
 from marble_pl.rewards import OCRReward, RewardLoadError, build_reward, ocr_engines
 from marble_pl.rewards.ocr_engines import (
+    TrOCREngine,
     byte_level_roberta_tokenizer,
     paddle_text,
     to_uint8_hwc,
@@ -353,3 +355,32 @@ def test_random_weights_read_a_local_config(trocr_dir):
     assert torch.isnan(scores).tolist() == [False, True, False]
     assert ((scores[[0, 2]] >= 0) & (scores[[0, 2]] <= 1)).all()
     assert sum(p.numel() for p in reward.scorer.parameters()) < 100_000  # the tiny config's shape
+
+
+def test_preflight_builds_and_times_the_ocr_reward(tmp_path, monkeypatch, tiny_sd3_path, trocr_dir):
+    """``marble preflight`` builds the TrOCR engine from its config with random weights, reports
+    it, and scores its (quoted) prompts during the timed step."""
+    from marble_pl.preflight import preflight
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen: list[int] = []
+    recognize = TrOCREngine.recognize
+    monkeypatch.setattr(
+        TrOCREngine, "recognize", lambda self, x: seen.append(len(x)) or recognize(self, x)
+    )
+    spec = f"{{name: ocr, engine: trocr, pretrained_model_name_or_path: {trocr_dir}}}"
+    report = preflight(
+        tmp_path / "configs" / "tiny.yaml",
+        steps=1,
+        resolution=32,
+        overrides=[
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            f"--model.rewards=[brightness, {spec}]",
+        ],
+    )
+    (row,) = [r for r in report.components if r.name == "reward: ocr"]
+    model, _ = tiny_trocr("hello")
+    assert row.cls == "TrOCREngine" and row.params == sum(p.numel() for p in model.parameters())
+    assert seen == [2]  # one step of 1 prompt x 2 images, every preflight prompt quoted
