@@ -6,9 +6,14 @@ Two routes write the same file, ``<out_dir>/pytorch_lora_weights.safetensors``:
   the ``"default"`` adapter (``v_theta``, the one the optimizer trains; the ``"old"`` sampling
   policy is left out), written with diffusers' own ``StableDiffusion3Pipeline.save_lora_weights``
   and the adapter's peft config as metadata, so ``lora_alpha`` / target modules survive.
+* :func:`export_evaluated`: what ``marble export`` and the ``LoraExport`` callback write, the
+  adapter that was EVALUATED. With ``model.eval_ema_decay`` set, validation and sample grids
+  sample the evaluation EMA of the trained adapter (as DiffusionNFT, whose checkpoints save
+  the EMA weights): it goes to ``<out_dir>`` and the raw trained adapter to ``<out_dir>_raw``
+  (e.g. ``lora/`` and ``lora_raw/``). Without the EMA, ``<out_dir>`` holds the trained adapter.
 * :func:`export_checkpoint` from a Lightning checkpoint of a marble run: rebuilds the module from
   the checkpoint's hyper-parameters, loads its ``lora_`` weights (every one must find its layer)
-  and calls :func:`export_lora`. Also the ``marble export`` command::
+  and calls :func:`export_evaluated`. Also the ``marble export`` command::
 
       marble export --ckpt_path runs/marble/version_0/checkpoints/last.ckpt --out_dir lora/
 
@@ -45,12 +50,15 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "LoraExportError",
     "export_checkpoint",
+    "export_evaluated",
     "export_lora",
+    "raw_dir",
     "load_lora_checkpoint",
     "main",
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default: load_lora_weights(dir)
+RAW_SUFFIX = "_raw"  # the trained adapter beside an exported evaluation EMA: lora/ and lora_raw/
 
 
 class LoraExportError(MarbleUserError, ValueError):
@@ -121,6 +129,29 @@ def export_lora(
         safe_serialization=True,
     )
     return out / weight_name
+
+
+def raw_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where the raw trained adapter goes beside an exported evaluation EMA: ``<out_dir>_raw``."""
+    out = Path(out_dir)
+    return out.with_name(out.name + RAW_SUFFIX)
+
+
+def export_evaluated(
+    module_or_transformer: nn.Module, out_dir: str | os.PathLike[str]
+) -> tuple[Path, Path | None]:
+    """Write the adapter that validation samples with to ``out_dir``; ``(file, raw file)``.
+
+    That is the module's :attr:`~marble_pl.module.MarbleModule.eval_adapter`: the evaluation
+    EMA when ``eval_ema_decay`` is set, and then the trained adapter also goes to
+    :func:`raw_dir` (the second path; None without the EMA). A bare transformer exports its
+    trained adapter.
+    """
+    adapter = getattr(module_or_transformer, "eval_adapter", DEFAULT_ADAPTER)
+    written = export_lora(module_or_transformer, out_dir, adapter_name=adapter)
+    if adapter == DEFAULT_ADAPTER:
+        return written, None
+    return written, export_lora(module_or_transformer, raw_dir(out_dir))
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -224,17 +255,28 @@ def export_checkpoint(
     pretrained_model_name_or_path: str | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """Export the trained adapter of a marble checkpoint; return the written weights file.
+    """Export the evaluated adapter of a marble checkpoint; return the written weights file.
 
-    See :func:`load_lora_checkpoint` for how the module is rebuilt and :func:`export_lora` for the
-    file. The base model is loaded (on CPU) to check that every LoRA tensor finds its layer.
+    See :func:`load_lora_checkpoint` for how the module is rebuilt and :func:`export_evaluated`
+    for what is written (the evaluation EMA, and the trained adapter in ``<out_dir>_raw``, when
+    the run kept one). The base model is loaded (on CPU) to check that every LoRA tensor finds
+    its layer.
     """
-    module = load_lora_checkpoint(
+    return _export_checkpoint(
         ckpt_path,
+        out_dir,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         local_files_only=local_files_only,
-    )
-    return export_lora(module, out_dir)
+    )[0]
+
+
+def _export_checkpoint(
+    ckpt_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    **kwargs: Any,
+) -> tuple[Path, Path | None]:
+    """:func:`export_checkpoint`, returning :func:`export_evaluated`'s two paths."""
+    return export_evaluated(load_lora_checkpoint(ckpt_path, **kwargs), out_dir)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -244,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="marble export",
         description=(
-            "Export the trained LoRA adapter of a marble checkpoint as diffusers LoRA weights "
+            "Export the evaluated LoRA adapter of a marble checkpoint as diffusers LoRA weights "
             f"(<out_dir>/{LORA_WEIGHT_NAME}), loadable with "
-            "StableDiffusion3Pipeline.load_lora_weights(out_dir)."
+            "StableDiffusion3Pipeline.load_lora_weights(out_dir): the evaluation EMA when the "
+            "run kept one (model.eval_ema_decay), the raw trained adapter then in "
+            f"<out_dir>{RAW_SUFFIX}; else the trained adapter."
         ),
     )
     parser.add_argument("--ckpt_path", required=True, help="the Lightning .ckpt file of a run")
@@ -270,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        written = export_checkpoint(
+        written, raw = _export_checkpoint(
             args.ckpt_path,
             args.out_dir,
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
@@ -280,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"marble export: error: {err}", file=sys.stderr)
         return 1
     print(f"LoRA weights written to {written}")
+    if raw is not None:
+        print(f"(the evaluation EMA, as validated; the raw trained adapter: {raw})")
     print(f"load them with: StableDiffusion3Pipeline.load_lora_weights({str(written.parent)!r})")
     return 0
 

@@ -58,6 +58,7 @@ __all__ = [
     "env_offline",
     "is_lora_key",
     "load_sd3",
+    "lora_init_weights",
     "looks_like_local_path",
     "lora_parameters",
     "read_model_index",
@@ -523,6 +524,19 @@ def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _module_matches(module_name: str, target: str) -> bool:
     """peft's suffix rule: a target matches a module named exactly so or ending in ``.target``."""
     return module_name == target or module_name.endswith(f".{target}")
+
+
+LORA_INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian"}
+"""``model.lora_init`` -> peft's ``init_lora_weights``; B = 0 either way, so ``v_theta`` starts
+at the base model. ``default``: A Kaiming-uniform; ``gaussian``: A ~ N(0, (1 / rank)^2), as the
+official MARBLE and DiffusionNFT recipes (``init_lora_weights="gaussian"``)."""
+
+
+def lora_init_weights(name: str) -> bool | str:
+    """peft's ``init_lora_weights`` for a ``model.lora_init`` name; a ConfigError otherwise."""
+    if name not in LORA_INITS:
+        raise ConfigError(f"model.lora_init must be one of {sorted(LORA_INITS)}, got {name!r}")
+    return LORA_INITS[name]
 
 
 def add_lora(

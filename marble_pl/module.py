@@ -58,6 +58,7 @@ from marble_pl.models import (
     ensure_tiny_sd3,
     is_lora_key,
     load_sd3,
+    lora_init_weights,
     use_adapter,
 )
 from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
@@ -218,9 +219,16 @@ class MarbleModule(LightningModule):
             Default: DiffusionNFT's SD3.5 (multi-reward) ramp ``{0, 0.001, 0.5}``.
             :meth:`sampling_decay` gives the value of the current step.
         lora_rank, lora_alpha, lora_target_modules: the LoRA adapter (peft).
+        lora_init: the LoRA's initialisation, B = 0 either way: ``default`` (peft's, A
+            Kaiming-uniform) or ``gaussian`` (A ~ N(0, 1/rank^2), peft's ``"gaussian"``: the
+            official MARBLE and DiffusionNFT recipes).
         num_inference_steps, guidance_scale, resolution, noise_level: rollout sampler settings.
             ``guidance_scale`` must be <= 1 (no CFG): the loss's ``v_old`` is unguided, as in
             DiffusionNFT, so guided rollouts would come from another policy (a ``ConfigError``).
+        solver: the deterministic sampler of rollouts, validation and sample grids: ``euler``
+            (diffusers' flow-matching Euler step) or ``dpm2`` (DiffusionNFT's second-order
+            multistep DPM-Solver++ on the same sigmas, :mod:`marble_pl.solvers`; the official
+            MARBLE recipe's rollouts; needs ``noise_level: 0``).
         t_min, t_max: training timesteps ``t ~ U(t_min, t_max)``.
         optimizer: optimizer over the LoRA parameters (AdamW by default).
         lr_scheduler: optional LR scheduler, stepped every training step.
@@ -255,8 +263,10 @@ class MarbleModule(LightningModule):
             balanced steps only.
         eval_ema_decay: keep an EMA of the trained adapter (a third LoRA adapter, float32) and
             evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
-            eval_ema_decay)`` after each update, as DiffusionNFT's evaluation EMA (0.9). None:
-            evaluate the trained adapter itself.
+            eval_ema_decay)`` after update ``t`` (1 for the first: 2/11), as DiffusionNFT's
+            evaluation EMA (0.9). ``LoraExport`` and ``marble export`` then write this EMA
+            (``lora/``) and the trained adapter beside it (``lora_raw/``). None: evaluate (and
+            export) the trained adapter itself.
         eval_num_inference_steps: sampler steps of validation and sample grids (deterministic,
             as DiffusionNFT evaluates at 40); None: the rollout's ``num_inference_steps``.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
@@ -294,10 +304,12 @@ class MarbleModule(LightningModule):
         lora_rank: int = 32,
         lora_alpha: float = 64.0,
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_init: Literal["default", "gaussian"] = "default",
         num_inference_steps: int = 10,
         guidance_scale: float = 1.0,
         resolution: int = 512,
         noise_level: float = 0.0,
+        solver: Literal["euler", "dpm2"] = "euler",
         t_min: float = 0.0,
         t_max: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -353,6 +365,7 @@ class MarbleModule(LightningModule):
             gradient_clip_norm=gradient_clip_norm,
         )
         check_guidance(guidance_scale)
+        lora_init_weights(lora_init)
         check_optimizer(optimizer, lr_scheduler)
 
         self.rewards = build_rewards(list(rewards))
@@ -374,6 +387,7 @@ class MarbleModule(LightningModule):
                 height=resolution,
                 width=resolution,
                 noise_level=noise_level,
+                solver=solver,
             )
             self.eval_rollout_config = replace(
                 self.rollout_config,
@@ -477,6 +491,7 @@ class MarbleModule(LightningModule):
             rank=hp.lora_rank,
             alpha=hp.lora_alpha,
             target_modules=list(hp.lora_target_modules),
+            init_lora_weights=lora_init_weights(hp.lora_init),
         )
         add_sampling_adapter(self.transformer)  # every adapter float32 whatever the base dtype
         if hp.eval_ema_decay is not None:
@@ -1075,7 +1090,8 @@ class MarbleModule(LightningModule):
         """``v_old <- EMA(v_theta)`` (:meth:`sampling_decay`), and the evaluation EMA if on."""
         ema_update_adapter(self.transformer, decay=self.sampling_decay())
         if self.hparams.eval_ema_decay is not None:
-            decay = warmup_decay(self.global_step - 1, self.hparams.eval_ema_decay)
+            # global_step already counts this update: DiffusionNFT's ema.step(global_step)
+            decay = warmup_decay(self.global_step, self.hparams.eval_ema_decay)
             ema_update_adapter(self.transformer, dst=EVAL_ADAPTER, decay=decay)
 
     @property

@@ -16,6 +16,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from marble_pl.solvers import SOLVERS, dpm2_step
+
 __all__ = ["RolloutConfig", "RolloutOutput", "decode_latents", "rollout", "sample_latents"]
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -37,6 +39,10 @@ class RolloutConfig:
              + std * sqrt(-dt) * z,   z ~ N(0, I)
 
     which has the same marginals as the ODE for any ``a``.
+
+    ``solver`` picks the deterministic ODE step: ``euler`` (the scheduler's ``step``) or
+    ``dpm2``, DiffusionNFT's second-order multistep DPM-Solver++ on the same sigmas
+    (:func:`marble_pl.solvers.dpm2_step`; ``noise_level`` must then be 0, as upstream).
     """
 
     num_inference_steps: int = 10
@@ -44,6 +50,7 @@ class RolloutConfig:
     height: int = 512
     width: int = 512
     noise_level: float = 0.0
+    solver: str = "euler"
 
     def __post_init__(self) -> None:
         """Validate the values early, naming the field and the fix."""
@@ -64,6 +71,13 @@ class RolloutConfig:
             raise ValueError(
                 "noise_level must be finite and >= 0 (0 = deterministic ODE), "
                 f"got {self.noise_level!r}."
+            )
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {list(SOLVERS)}, got {self.solver!r}.")
+        if self.solver != "euler" and self.noise_level > 0:
+            raise ValueError(
+                f"solver {self.solver!r} is deterministic: it needs noise_level 0, got "
+                f"{self.noise_level!r} (use solver 'euler' for the SDE)."
             )
 
     @property
@@ -233,6 +247,8 @@ def sample_latents(
         device,
     )
     sigmas = sched.sigmas.to(device=device, dtype=torch.float32)
+    schedule = sched.sigmas.float().tolist()  # dpm2's float64 coefficients come from these
+    x0_prev = None
 
     if noise is not None:
         if tuple(noise.shape) != (n, *latent_shape):
@@ -260,6 +276,8 @@ def sample_latents(
             latents = _sde_step(
                 v, latents, sigmas[i], sigmas[i + 1], sigmas[1], config.noise_level, generator
             )
+        elif config.solver == "dpm2":
+            latents, x0_prev = dpm2_step(latents, v, schedule, i, x0_prev)
         else:
             one = generator if isinstance(generator, torch.Generator) else None
             latents = sched.step(v, t, latents, generator=one, return_dict=False)[0]

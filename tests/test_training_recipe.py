@@ -243,8 +243,8 @@ def test_evaluation_ema_adapter_follows_the_warmed_up_ema(tiny_sd3_path):
     ema = {n: p.detach().clone() for n, p in params.items() if ".default." in n}
     trained = Trained()
     fit(module, steps=2, callbacks=[trained])
-    for step, theta in enumerate(trained.after):
-        decay = min((1 + step) / (10 + step), 0.9)  # 0.1, then 2 / 11: DiffusionNFT's warm-up
+    for step, theta in enumerate(trained.after, start=1):
+        decay = min((1 + step) / (10 + step), 0.9)  # 2 / 11, then 3 / 12: DiffusionNFT's warm-up
         ema = {n: decay * e + (1 - decay) * theta[n] for n, e in ema.items()}
     assert ema and any(not torch.equal(ema[n], trained.after[-1][n]) for n in ema)
     for name, expected in ema.items():
