@@ -17,11 +17,9 @@ __all__ = [
     "SD35_MEDIUM",
     "SD3_COMPONENT_CLASSES",
     "TROCR_BASE_PRINTED",
-    "TROCR_BASE_PRINTED",
     "shipped_clip_config",
     "shipped_mask2former_config",
     "shipped_sd3_configs",
-    "shipped_trocr_config",
     "shipped_trocr_config",
 ]
 
@@ -267,63 +265,6 @@ IMAGEREWARD_TEXT: dict[str, Any] = {
     "hidden_act": "gelu",
     "layer_norm_eps": 1e-12,
 }
-
-
-# TrOCR-base (microsoft/trocr-base-printed, -handwritten): a ViT-base encoder at 384 px (16 px
-# patches, no query/key/value biases) and a 12-layer RoBERTa-style decoder of width 1024 with
-# learned positions, cross-attending to the encoder; the output projection is tied to the token
-# embeddings. 334 M parameters (the TrOCR paper's figure).
-TROCR_BASE_PRINTED = "microsoft/trocr-base-printed"
-_TROCR_BASE: dict[str, dict[str, Any]] = {
-    "encoder": {
-        "model_type": "vit",
-        "image_size": 384,
-        "patch_size": 16,
-        "num_channels": 3,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "qkv_bias": False,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-    },
-    "decoder": {
-        "model_type": "trocr",
-        "vocab_size": 50265,
-        "d_model": 1024,
-        "decoder_layers": 12,
-        "decoder_attention_heads": 16,
-        "decoder_ffn_dim": 4096,
-        "activation_function": "gelu",
-        "max_position_embeddings": 512,
-        "cross_attention_hidden_size": 768,
-        "use_learned_position_embeddings": True,
-        "layernorm_embedding": True,
-        "scale_embedding": False,
-        "tie_word_embeddings": True,
-        "is_decoder": True,
-        "add_cross_attention": True,
-        "bos_token_id": 0,
-        "pad_token_id": 1,
-        "eos_token_id": 2,
-        "decoder_start_token_id": 2,
-    },
-}
-
-_TROCR_BY_ID = {
-    TROCR_BASE_PRINTED: _TROCR_BASE,
-    "microsoft/trocr-base-handwritten": _TROCR_BASE,
-}
-
-
-def shipped_trocr_config(name: str) -> dict[str, dict[str, Any]] | None:
-    """A copy of the shipped ``{"encoder", "decoder"}`` configs of TrOCR hub id ``name``; None
-    for another model."""
-    config = _TROCR_BY_ID.get(name.rstrip("/"))
-    return None if config is None else copy.deepcopy(config)
 
 
 # TrOCR-base (microsoft/trocr-base-printed, -handwritten): a ViT-base encoder at 384 px (16 px

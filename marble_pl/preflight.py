@@ -28,7 +28,12 @@ from lightning.pytorch import Callback
 
 __all__ = ["ComponentRow", "PreflightReport", "main", "preflight"]
 
-PROMPTS = ["a photo of a cat", "a red car in the rain", "two dogs on grass", "an apple on a table"]
+PROMPTS = [  # each quotes a text, so the OCR reward applies (and is timed) on every image
+    'a photo of a cat beside a sign that says "hello"',
+    'a red car in the rain, "STOP" painted on the road',
+    'two dogs on grass under a banner reading "park"',
+    'an apple on a table next to a note saying "lunch"',
+]
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 MIB = 1024**2
 GIB = 1024**3

@@ -9,7 +9,6 @@ from marble_pl.rewards.geneval_remote import GenEvalRemote
 from marble_pl.rewards.hpsv2 import HPSv2
 from marble_pl.rewards.imagereward import ImageReward
 from marble_pl.rewards.ocr import OCRReward
-from marble_pl.rewards.ocr import OCRReward
 from marble_pl.rewards.pickscore import PickScore
 from marble_pl.rewards.pretrained import PretrainedReward, RewardLoadError
 from marble_pl.rewards.registry import (
@@ -26,7 +25,6 @@ __all__ = [
     "GenEvalReward",
     "HPSv2",
     "ImageReward",
-    "OCRReward",
     "OCRReward",
     "PickScore",
     "PretrainedReward",
