@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -374,3 +375,57 @@ def test_collates_carry_metadata_copies() -> None:
     assert batch["metadata"][1] == {"source": "ocr"}
     val = IndexedCollate()([(4, "a", {"tag": "x"}), (7, "b")])
     assert val["metadata"] == [{"tag": "x"}, {}] and val["indices"].tolist() == [4, 7]
+
+
+# --- under real DDP (2 gloo processes) ---------------------------------------------------------
+
+
+class _SeenProbe(L.LightningModule):
+    """Saves every batch's sources and prompts, one file per rank (picklable for ddp_spawn)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[str]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        sources = [m["source"] for m in batch["metadata"]]
+        self.seen.append([f"{s}|{p}" for s, p in zip(sources, batch["prompts"], strict=True)])
+        return self.weight.square().sum()
+
+    def on_train_end(self) -> None:
+        path = self.out / f"rank{self.global_rank}.json"
+        path.write_text(json.dumps(self.seen), encoding="utf-8")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_ranks_get_their_share_of_each_stratified_step(tmp_path: Path) -> None:
+    root = _mixed(tmp_path / "data", {"pickscore": 6, "ocr": 5, "geneval": 4})
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    dm = PromptDataModule(root=str(root), batch_size=3, group_size=2, seed=5)
+    trainer.fit(_SeenProbe(tmp_path), dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2]
+    seen: list[str] = []
+    for step in range(2):
+        union = [s for r in ranks for s in r[step][::2]]  # B = 3 per rank, each G = 2 times
+        assert all(len(r[step]) == 6 for r in ranks)
+        assert Counter(s.split("|")[0] for s in union) == dict.fromkeys(SOURCES, 2)
+        assert all(s.split("|")[1].startswith(s.split("|")[0]) for s in union)
+        seen += union
+    assert len(set(seen)) == 12  # the two ranks never share a prompt
