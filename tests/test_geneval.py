@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from marble_pl.rewards.geneval import (
     mask2former_architecture,
     mask_boxes,
 )
-from marble_pl.rewards.geneval_remote import GenEvalRemote, GenEvalServerError, decode_png
+from marble_pl.rewards.geneval_remote import GenEvalRemote, GenEvalServerError
 from marble_pl.rewards.geneval_rules import (
     COCO_CLASSES,
     COLOR_TEMPLATES,
@@ -41,6 +40,7 @@ from marble_pl.rewards.geneval_rules import (
     score_image,
     select_detections,
 )
+from marble_pl.rewards.geneval_server import make_server
 from marble_pl.rewards.pretrained import RewardLoadError
 
 # ------------------------------------------------------------------ the rules
@@ -390,6 +390,7 @@ def test_reward_end_to_end_matches_the_rules_on_its_detections(tiny):
         assert reward.last_accuracy[i] == float(expected.correct)
         assert reward.last_results[i] == expected, row
     assert math.isnan(reward.last_accuracy[1]) and reward.last_results[1] is None
+    assert reward.last_tags == ["colors", None, "two_object"]
     assert scores[0].item() in (0.5, 1.0)  # one cup: count 1, colour 0 or 1
     assert scores[2].item() == 0.25  # one cup of two (0.5), no bowl (0)
 
@@ -468,41 +469,27 @@ def test_shipped_detector_is_mask2former_swin_s_at_69m_parameters():
 
 
 class _Server:
-    """A local GenEval stand-in: answers per a plan ("ok", "503", "400", "slow", "short")."""
+    """The shipped GenEval server with a stand-in scorer following a plan of steps: "ok",
+    "fail" (an exception: 500), "bad" (a ValueError: 400), "slow", "short" (a score short)."""
 
     def __init__(self) -> None:
         self.plan: list[str] = []
-        self.requests: list[dict[str, Any]] = []
-        outer = self
+        self.requests: list[tuple[list[Any], list[dict[str, Any]], bool]] = []
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
+        def scorer(images: list[Any], metadata: list[dict[str, Any]], only_strict: bool):
+            self.requests.append((images, metadata, only_strict))
+            step = self.plan.pop(0) if self.plan else "ok"
+            if step == "fail":
+                raise RuntimeError("CUDA out of memory")
+            if step == "bad":
+                raise ValueError("no tag")
+            if step == "slow":
+                time.sleep(0.6)
+            n = len(images) - (step == "short")
+            scores = [m["include"][0]["count"] / 4 for m in metadata][:n]
+            return {"scores": scores, "strict_accuracy": [1] * n}
 
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                step = outer.plan.pop(0) if outer.plan else "ok"
-                if step in ("503", "400"):
-                    self.send_error(int(step))
-                    return
-                if step == "slow":
-                    time.sleep(0.6)  # the client has given up: nothing to answer
-                    return
-                n = len(body["images"]) - (step == "short")
-                answer = {
-                    "scores": [m["include"][0]["count"] / 4 for m in body["metadata"]][:n],
-                    "strict_accuracy": [1] * n,
-                }
-                data = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = make_server(scorer, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/geneval"
 
 
@@ -532,23 +519,23 @@ def test_remote_batches_png_and_metadata_and_fills_nan(server):
     scores = reward(x, ["p"] * 4, metadata=META4)
     assert scores.tolist()[0] == 0.25 and scores.tolist()[2:] == [0.5, 0.25]
     assert math.isnan(scores[1])
-    assert [len(r["images"]) for r in server.requests] == [2, 1]  # 3 applicable, 2 per batch
-    assert server.requests[0]["metadata"] == [COLORS_META, COUNT_META]
-    sent = torch.from_numpy(decode_png(server.requests[0]["images"][1])).permute(2, 0, 1)
+    assert [len(images) for images, _, _ in server.requests] == [2, 1]  # 3 applicable, 2 a batch
+    assert server.requests[0][1:] == ([COLORS_META, COUNT_META], False)
+    sent = torch.from_numpy(server.requests[0][0][1]).permute(2, 0, 1)
     assert torch.equal(sent, (x[2] * 255).round().to(torch.uint8))  # PNG is lossless
     assert reward.last_strict_accuracy.tolist()[2:] == [1.0, 1.0]
     assert torch.isnan(reward.last_accuracy).all()  # not in the answer
     assert reward.last_failure is None
 
 
-def test_remote_retries_a_503_with_backoff(server):
-    server.plan = ["503"]
+def test_remote_retries_a_server_error_with_backoff(server):
+    server.plan = ["fail"]
     reward = GenEvalRemote(url=server.url, backoff_s=0.01)
     assert reward(images(1), ["p"], metadata=[COLORS_META]).tolist() == [0.25]
     assert len(server.requests) == 2
 
 
-@pytest.mark.parametrize("step", ["400", "short"])
+@pytest.mark.parametrize("step", ["bad", "short"])
 def test_remote_does_not_retry_what_a_retry_cannot_fix(server, step):
     server.plan = [step]
     reward = GenEvalRemote(url=server.url, backoff_s=0.01)

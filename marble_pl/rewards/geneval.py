@@ -129,8 +129,9 @@ class GenEvalReward(PretrainedReward):
     After each call, for logging (``[N]`` float32 on the CPU, NaN where not applicable):
     ``last_strict_accuracy`` (1 if every count is exact and every colour and position right)
     and ``last_accuracy`` (GenEval's accuracy: at least the count, ``exclude`` honoured; NaN
-    too with ``only_strict``); ``last_results`` holds the :class:`GenEvalResult` of each image
-    (None where not applicable).
+    too with ``only_strict``, as DiffusionNFT trains to save CLIP calls); ``last_tags`` each
+    prompt's ``tag`` (for per-tag accuracies) and ``last_results`` each image's
+    :class:`GenEvalResult` (None where not applicable).
 
     Example (YAML)::
 
@@ -196,6 +197,7 @@ class GenEvalReward(PretrainedReward):
         self.last_strict_accuracy = torch.empty(0)
         self.last_accuracy = torch.empty(0)
         self.last_results: list[GenEvalResult | None] = []
+        self.last_tags: list[str | None] = []
         self._last: list[GenEvalResult] = []
 
     # ---------------------------------------------------------------- applicability
@@ -213,6 +215,7 @@ class GenEvalReward(PretrainedReward):
         scores = torch.full((n,), math.nan)
         strict, accuracy = torch.full((n,), math.nan), torch.full((n,), math.nan)
         results: list[GenEvalResult | None] = [None] * n
+        tags: list[str | None] = [None] * n
         index = torch.nonzero(mask).flatten().tolist()
         if index:
             assert metadata is not None
@@ -222,12 +225,13 @@ class GenEvalReward(PretrainedReward):
             finally:
                 found, self._metadata = self._last, ()
             for i, result in zip(index, found, strict=True):
-                results[i] = result
+                results[i], tags[i] = result, str(metadata[i].get("tag"))
                 scores[i] = result.score
                 strict[i] = float(result.strict_correct)
                 if result.correct is not None:
                     accuracy[i] = float(result.correct)
         self.last_strict_accuracy, self.last_accuracy, self.last_results = strict, accuracy, results
+        self.last_tags = tags
         return scores.to(images.device)
 
     # ---------------------------------------------------------------- scoring

@@ -16,6 +16,7 @@ per image back. Protocol (one request per batch of at most ``batch_size`` applic
 Which is what DiffusionNFT's ``compute_geneval(images, metadatas, only_strict)`` returns as
 ``scores``, ``strict_rewards`` and ``rewards``. Connection errors, timeouts, HTTP 429 and 5xx are
 retried with exponential backoff; other 4xx and malformed answers are not.
+:mod:`marble_pl.rewards.geneval_server` is such a server around DiffusionNFT's GenEval.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -40,6 +40,7 @@ from torch import Tensor
 from marble_pl.errors import ConfigError, MarbleUserError
 from marble_pl.rewards.base import Metadata, Reward
 from marble_pl.rewards.geneval_rules import geneval_applicable
+from marble_pl.rewards.geneval_server import decode_png
 from marble_pl.rewards.registry import register_reward
 
 __all__ = ["GenEvalRemote", "GenEvalServerError", "decode_png", "encode_png"]
@@ -63,12 +64,6 @@ def encode_png(image: Tensor) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_png(data: str) -> np.ndarray:
-    """The ``[H, W, 3]`` uint8 RGB array of a base64 PNG (what a server does with each image)."""
-    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
-        return np.array(image.convert("RGB"))
 
 
 @register_reward("geneval_remote")
