@@ -451,18 +451,42 @@ def test_bad_options_are_rejected_early():
 # ------------------------------------------------------------------ real shapes, no weights
 
 
-def test_shipped_detector_is_mask2former_swin_s_at_69m_parameters():
+def test_random_weights_build_swin_s_mask2former_and_clip_l_at_their_published_sizes(
+    monkeypatch,
+):
+    """``_build_random`` on the meta device from the shipped configs: Mask2Former Swin-S COCO
+    (the Mask2Former paper's 69 M) and CLIP ViT-L/14 (427,616,513, as published)."""
     from accelerate import init_empty_weights
-    from transformers import Mask2FormerForUniversalSegmentation
 
+    import marble_pl.random_weights as rw
+
+    def on_meta(build, dtype, seed=0):
+        with init_empty_weights(include_buffers=False):
+            return build()
+
+    monkeypatch.setattr(rw, "random_module", on_meta)
     config = mask2former_architecture(MASK2FORMER_SWIN_S_COCO)
     assert config.num_labels == 80 and config.backbone_config.depths == [2, 2, 18, 2]
-    with init_empty_weights(include_buffers=False):
-        model = Mask2FormerForUniversalSegmentation(config)
-    count = sum(p.numel() for p in model.parameters())
-    assert 68.5e6 < count < 69.5e6  # the Mask2Former paper: 69 M for Swin-S
+    reward = GenEvalReward(local_files_only=True)
+    reward.random_weights = True
+    built = reward._build_random()
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in built.items()}
+    assert counts == {"detector": 68_741_083, "clip": 427_616_513}
+    assert reward.label_names == COCO_CLASSES and reward.processor is not None
     with pytest.raises(RewardLoadError, match="random weights"):
         mask2former_architecture("someone/other-detector")
+
+
+def test_random_weights_read_local_configs_and_score(tiny):
+    """With local config.json files, ``model.random_weights`` builds those (tiny) shapes."""
+    reward = GenEvalReward(detector_size=None, local_files_only=True, **tiny)
+    reward.random_weights = True
+    scores = reward(images(2), ["a red cup", "x"], metadata=[COLORS_META, {}])
+    assert torch.isfinite(scores[0]) and torch.isnan(scores[1])
+    assert reward.scorer["detector"].config.num_queries == 1
+    saved = GenEvalReward(detector_size=None, local_files_only=True, **tiny).load()
+    bias = reward.scorer["detector"].class_predictor.bias
+    assert not torch.equal(bias, saved["detector"].class_predictor.bias)
 
 
 # ------------------------------------------------------------------ the remote reward
