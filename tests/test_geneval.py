@@ -248,6 +248,9 @@ def test_mask_boxes_match_mmdet_and_labels_map_to_geneval_names():
     coco = [_COCO_HF.get(name, name) for name in COCO_CLASSES]
     assert coco_label_names(dict(enumerate(coco))) == COCO_CLASSES
     assert coco_label_names({i: f"LABEL_{i}" for i in range(80)}) == COCO_CLASSES
+    variants = {"motorcycle": "motorbike", "couch": "sofa", "potted plant": "potted_plant"}
+    older = [variants.get(name, name) for name in coco]
+    assert coco_label_names(dict(enumerate(older))) == COCO_CLASSES
     with pytest.raises(ValueError, match="81 labels"):
         coco_label_names({i: f"LABEL_{i}" for i in range(81)})
     with pytest.raises(ValueError, match="label 1 is 'car'"):

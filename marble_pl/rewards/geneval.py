@@ -54,11 +54,18 @@ __all__ = [
 
 MASK2FORMER_SWIN_S_COCO = "facebook/mask2former-swin-small-coco-instance"
 
-# COCO's names in the detector's id2label that GenEval spells differently.
+# Names a COCO detector's id2label may use where GenEval's list has another (compared with case,
+# spaces, "_" and "-" ignored): COCO's own three, and older COCO / VOC spellings.
 _GENEVAL_SPELLING = {
     "mouse": "computer mouse",
     "remote": "tv remote",
     "keyboard": "computer keyboard",
+    "motorbike": "motorcycle",
+    "aeroplane": "airplane",
+    "sofa": "couch",
+    "tvmonitor": "tv",
+    "hairdryer": "hair drier",
+    "doughnut": "donut",
 }
 _CROP_BACKGROUND = 153 / 255  # GenEval pastes each masked object on grey "#999"
 _MMDET_LONGEST_EDGE = 1333
@@ -75,9 +82,15 @@ def coco_label_names(id2label: Mapping[int, str]) -> tuple[str, ...]:
     if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
         return COCO_CLASSES
     for i, (name, expected) in enumerate(zip(names, COCO_CLASSES, strict=True)):
-        if _GENEVAL_SPELLING.get(name, name) != expected:
+        key = _squash(name)
+        if _squash(_GENEVAL_SPELLING.get(key, key)) != _squash(expected):
             raise ValueError(f"label {i} is {name!r}, COCO's is {expected!r}")
     return COCO_CLASSES
+
+
+def _squash(name: str) -> str:
+    """A class name without case, spaces, ``_`` or ``-`` (``"Potted_Plant"`` -> ``pottedplant``)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
