@@ -289,10 +289,11 @@ def trocr_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_trocr_end_to_end_through_from_pretrained(trocr_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trocr_end_to_end_through_from_pretrained(trocr_dir, dtype):
     reward = build_reward(
         {"name": "ocr", "engine": "trocr", "pretrained_model_name_or_path": str(trocr_dir),
-         "batch_size": 2, "local_files_only": True}
+         "batch_size": 2, "local_files_only": True, "dtype": dtype}
     )  # fmt: skip
     prompts = ['a sign "Hello"', "a cat", 'a neon sign saying "help"', '"xyz"', '"HE LLO world"']
     images = torch.rand(5, 3, 48, 40, generator=torch.Generator().manual_seed(1))  # resized to 32
@@ -302,6 +303,7 @@ def test_trocr_end_to_end_through_from_pretrained(trocr_dir):
     assert torch.isnan(scores).tolist() == [False, True, False, False, False]
     assert scores[[0, 2, 3, 4]].tolist() == pytest.approx([1.0, 0.5, 0.0, 0.5])
     assert reward.scorer.recognize(images[:3]) == ["hello"] * 3  # type: ignore[union-attr]
+    assert next(reward.scorer.parameters()).dtype == getattr(torch, dtype)  # type: ignore[union-attr]
 
 
 def test_trocr_missing_weights_name_the_fix(tmp_path):
