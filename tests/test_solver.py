@@ -87,6 +87,37 @@ def test_dpm2_matches_the_upstream_formulas(steps):
         torch.testing.assert_close(ours, euler, rtol=0, atol=50 * steps * F32)
 
 
+@pytest.mark.parametrize("steps", [4, 25])
+def test_dpm2_is_diffusers_dpm_solver_update_on_the_same_sigmas(steps):
+    """diffusers' DPMSolverMultistepScheduler (flow sigmas, dpmsolver++, order 2, lower-order
+    final step) makes the same update when given the rollout's sigmas. Its ``set_timesteps``
+    takes no custom sigmas and its own schedule differs (it starts at 0.9997, integer
+    timesteps), hence the assignment and the pure function in the rollouts."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=3.0,
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    sched.set_timesteps(steps)
+    sigmas = shifted_sigmas(steps)
+    assert sched.sigmas[0] < 1.0 and len(sched.sigmas) == len(sigmas)
+    sched.sigmas = torch.tensor(sigmas)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = x.clone()
+    for i, t in enumerate(sched.timesteps):
+        theirs = sched.step(toy_velocity(theirs, sigmas[i]), t, theirs, return_dict=False)[0]
+    ours = run("dpm2", toy_velocity, x, sigmas)
+    torch.testing.assert_close(
+        ours, theirs, rtol=0, atol=50 * steps * F32 * float(ours.abs().max())
+    )
+
+
 def test_first_order_step_is_euler_and_finite_at_the_ends():
     for sigma, nxt in ((1.0, 0.9), (0.9, 0.5), (0.2, 0.0)):
         c_x, c_0 = first_order_coefficients(sigma, nxt)
