@@ -1,4 +1,4 @@
-"""Prompt files and the prompt DataModule: B prompts per step, each repeated G times (a group)."""
+"""Prompt files, MARBLE's mixed prompt set and the DataModule: B prompts a step, each G times."""
 
 from __future__ import annotations
 
