@@ -553,6 +553,7 @@ def test_remote_batches_png_and_metadata_and_fills_nan(server):
     assert reward.last_strict_accuracy.tolist()[2:] == [1.0, 1.0]
     assert torch.isnan(reward.last_accuracy).all()  # not in the answer
     assert reward.last_failure is None
+    assert reward.last_tags == ["colors", None, "two_object", "colors"]
 
 
 def test_remote_retries_a_server_error_with_backoff(server):
@@ -599,3 +600,37 @@ def test_remote_options_are_checked():
         GenEvalRemote(url="localhost:8000")
     with pytest.raises(ValueError, match="retries"):
         GenEvalRemote(retries=-1)
+
+
+def test_server_answers_400_to_a_bad_request_and_wraps_upstream_s_scorer(server, monkeypatch):
+    import sys
+    import types
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(server.url, data=b'{"images": 1}', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=5)
+    assert err.value.code == 400 and server.requests == []
+    # upstream_scorer maps compute_geneval's (scores, rewards, strict_rewards, ...) to the schema.
+    calls = []
+
+    def load_geneval(device):
+        def compute(images, metadatas, only_strict=False):
+            calls.append((device, [im.size for im in images], metadatas, only_strict))
+            return [0.5] * len(images), [1.0] * len(images), [0.0] * len(images), {}, {}
+
+        return compute
+
+    fake = types.ModuleType("flow_grpo.gen_eval")
+    fake.load_geneval = load_geneval  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flow_grpo", types.ModuleType("flow_grpo"))
+    monkeypatch.setitem(sys.modules, "flow_grpo.gen_eval", fake)
+    from marble_pl.rewards.geneval_server import upstream_scorer
+
+    scorer = upstream_scorer("cuda:3")
+    pixels = torch.zeros(2, 5, 7, 3, dtype=torch.uint8).numpy()
+    answer = scorer(list(pixels), [COLORS_META, COUNT_META], False)
+    assert answer == {"scores": [0.5, 0.5], "strict_accuracy": [0.0, 0.0], "accuracy": [1.0, 1.0]}
+    assert calls == [("cuda:3", [(7, 5), (7, 5)], [COLORS_META, COUNT_META], False)]
+    assert scorer(list(pixels), [COLORS_META, COUNT_META], True)["accuracy"] is None

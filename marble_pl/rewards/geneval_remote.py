@@ -71,7 +71,7 @@ class GenEvalRemote(Reward):
     """GenEval's reward from a GenEval server (see the module docstring for the JSON schema).
 
     Same applicability, scores and logging attributes as ``geneval`` (``last_strict_accuracy``,
-    ``last_accuracy``: NaN where not applicable or not returned). When the server cannot be
+    ``last_accuracy``: NaN where not applicable or not returned; ``last_tags``). When the server cannot be
     reached after ``retries`` retries, ``on_failure: error`` stops the run with one line naming
     the URL and the cause; ``on_failure: not_applicable`` logs a warning and scores that batch
     NaN, so its samples leave the reward (``last_failure`` holds the cause, else None).
@@ -131,6 +131,7 @@ class GenEvalRemote(Reward):
         self.last_strict_accuracy = torch.empty(0)
         self.last_accuracy = torch.empty(0)
         self.last_failure: str | None = None
+        self.last_tags: list[str | None] = []
 
     def applicable(self, prompts: Sequence[str], metadata: Metadata | None = None) -> Tensor:
         """Samples whose metadata carries GenEval's ``include`` clauses."""
@@ -159,6 +160,9 @@ class GenEvalRemote(Reward):
                 out[key][batch] = answer[field]
             out["accuracy"][batch] = answer["accuracy"]
         self.last_strict_accuracy, self.last_accuracy = out["strict"], out["accuracy"]
+        self.last_tags = [None] * n
+        for i in index:
+            self.last_tags[i] = str(metadata[i].get("tag"))  # type: ignore[index]
         return out["scores"].to(images.device)
 
     def _post(self, payload: Mapping[str, Any], n: int) -> dict[str, Tensor] | None:
