@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from marble_pl.errors import ConfigError
 from marble_pl.models import tiny_clip_tokenizer
 from marble_pl.rewards.base import Metadata
 from marble_pl.rewards.clip_score import OPENAI_CLIP_L
@@ -190,12 +191,12 @@ class GenEvalReward(PretrainedReward):
             name=name,
         )
         if detector_size is not None and not int(detector_size) >= 32:
-            raise ValueError(
+            raise ConfigError(
                 f"reward {self.name!r}: detector_size must be >= 32 pixels or null, "
                 f"got {detector_size}"
             )
         if int(batch_size) < 1:
-            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
         self.detector_name_or_path = str(detector_name_or_path)
         self.clip_name_or_path = str(clip_name_or_path)
         self.detector_size = None if detector_size is None else int(detector_size)
