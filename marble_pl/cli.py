@@ -60,6 +60,20 @@ def _user_error(err: BaseException) -> MarbleUserError | None:
     return None
 
 
+def _interpolation_error(err: BaseException) -> MarbleUserError | None:
+    """An OmegaConf ``${...}`` that cannot be resolved, as a user error naming key and value."""
+    if not type(err).__module__.startswith("omegaconf"):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    key = key.split(".", 1)[1] if key.split(".")[0] in ("fit", "validate", "test") else key
+    where = f" in {key}" if key else ""
+    return MarbleUserError(
+        f"config interpolation{where} cannot be resolved: {lines[0] if lines else err} (an "
+        "interpolation ${a.b} names another setting by its full key, e.g. ${data.val_file})"
+    )
+
+
 def _interrupted_exit_code() -> int:
     """``128 + signal``: the signal that stopped the run (``PreemptionSignal`` records its own)."""
     from marble_pl.callbacks.preemption import PreemptionSignal
@@ -78,7 +92,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         _main(args)
     except Exception as err:  # a user error, possibly wrapped by jsonargparse (callback args)
-        user = _user_error(err)
+        user = _user_error(err) or _interpolation_error(err)
         if user is None or _debug():
             raise
         message = " ".join(str(user).split())

@@ -87,6 +87,33 @@ def check_shared_settings(cfg: Namespace) -> None:
             )
 
 
+def check_accelerator(accelerator: Any, devices: Any) -> None:
+    """A GPU config on a machine without one (or with fewer GPUs) is one line, not Lightning's
+    ``MisconfigurationException`` traceback after the config is parsed."""
+    import torch
+
+    name = str(getattr(accelerator, "class_path", accelerator) or "auto").lower()
+    if name not in ("gpu", "cuda") and not name.endswith("cudaaccelerator"):
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found == 0:
+        raise ConfigError(
+            f"trainer.accelerator is {name!r} but this machine has no CUDA GPU (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): run on a GPU machine "
+            "with a CUDA build of torch (the Dockerfile's image), or try the config on the CPU "
+            "with --trainer.accelerator cpu --trainer.precision 32-true (and --random-weights "
+            "where the weights are not here)"
+        )
+    wanted = devices if isinstance(devices, int) else None
+    if isinstance(devices, str) and devices.strip().isdigit():
+        wanted = int(devices)
+    if wanted is not None and wanted > found:
+        raise ConfigError(
+            f"trainer.devices is {wanted} but this machine has {found} CUDA GPU(s): set "
+            f"--trainer.devices {found} (or -1 for all)"
+        )
+
+
 class MarbleCLI(LightningCLI):
     """``LightningCLI`` with marble-pl's module, data module, resume rules and progress bar."""
 
@@ -152,6 +179,7 @@ class MarbleCLI(LightningCLI):
             return
         check_shared_settings(self.config[subcommand])
         trainer = self.config[subcommand].trainer
+        check_accelerator(trainer.get("accelerator"), trainer.get("devices"))
         root = run_root(trainer.get("logger"), trainer.get("default_root_dir"))
         check_run_folder(root if root is not None else trainer.get("default_root_dir") or ".")
         callbacks = trainer.get("callbacks") or []

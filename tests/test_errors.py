@@ -299,3 +299,24 @@ def test_console_script_prints_one_line(tmp_path, tiny_sd3_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("marble: error: model.lora_rank must be >= 1"), last
+
+
+def test_gpu_config_on_a_machine_without_gpu_is_one_line(marble_error, monkeypatch):
+    """configs/sd35.yaml asks for ``accelerator: gpu``: without one, what is needed, in one line
+    (was Lightning's 34-line ``MisconfigurationException``; issue 23, item 5)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    last = marble_error("--trainer.accelerator=gpu")
+    assert "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in last
+    assert "--trainer.accelerator cpu" in last
+
+
+def test_more_gpus_than_the_machine_has(marble_error, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    last = marble_error("--trainer.accelerator=gpu", "--trainer.devices=8")
+    assert "trainer.devices is 8 but this machine has 2 CUDA GPU(s)" in last
+
+
+def test_interpolation_that_cannot_resolve_is_one_line(marble_error):
+    last = marble_error("--model.pretrained_model_name_or_path=${trainer.no_such_key}/tiny-sd3")
+    assert "${" in last and "model.pretrained_model_name_or_path" in last

@@ -77,6 +77,23 @@ def test_marble_preflight_command_writes_its_report(configs, tiny_sd3_path, caps
     assert sorted(p.name for p in configs.parent.iterdir()) == ["configs", "report.md"]
 
 
+def test_preflight_of_a_small_config_writes_nothing_and_times_its_own_size(configs, capsys):
+    """tiny.yaml names its model ``${trainer.logger.init_args.save_dir}/tiny-sd3`` and builds it
+    on first use: preflight builds it in a scratch folder, not in the working folder (issue 23,
+    item 6), and times the config's own size, so the estimate is the measurement."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preflight", "--config", str(configs / "tiny.yaml"), "--steps", "1"])
+    assert exit_info.value.code == 0
+    assert sorted(p.name for p in configs.parent.iterdir()) == ["configs"]
+    printed = capsys.readouterr().out
+    assert "at 32 px, 2 prompt(s) x 4 images, 6 sampler steps, 3 training timestep(s)" in printed
+    report = preflight(configs / "tiny.yaml", steps=1)
+    assert report.run["resolution"] == report.configured["resolution"] == 32
+    for phase in ("rollout_s", "reward_s", "update_s"):  # the whole step adds bookkeeping
+        assert report.estimate[phase] == pytest.approx(report.phases[phase])
+    assert sorted(p.name for p in configs.parent.iterdir()) == ["configs"]
+
+
 def test_a_lora_target_that_matches_nothing_is_one_line(configs, tiny_sd3_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
