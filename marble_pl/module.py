@@ -45,6 +45,13 @@ from marble_pl.checks import (
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
 from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
 from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, affine_split
+from marble_pl.loss_scaling import (
+    check_loss_scaling,
+    grad_scaler,
+    is_overflow,
+    scaled_clip,
+    skipped_update,
+)
 from marble_pl.models import (
     DEFAULT_ADAPTER,
     DEFAULT_LORA_TARGETS,
@@ -445,6 +452,7 @@ class MarbleModule(LightningModule):
         that cannot be read) is checked after loading, in ``configure_model``.
         """
         hp = self.hparams
+        check_loss_scaling(grad_scaler(self._trainer), hp.gradient_space, hp.weights_dtype)
         path = hp.pretrained_model_name_or_path
         if self._configured or (hp.build_tiny_if_missing and not Path(path).is_dir()):
             return
@@ -734,6 +742,9 @@ class MarbleModule(LightningModule):
         row stop the run with an error, rather than silently training on nothing. An all-zero
         gradient (every reward constant within its groups, say) skips the step too.
         """
+        if is_overflow(norm, grad_scaler(self._trainer)):  # fp16: the scaler backs off
+            self.counters["skipped_overflow"] = self.counters.get("skipped_overflow", 0) + 1
+            return "overflow"
         if not math.isfinite(norm):
             self.counters["skipped_nonfinite"] += 1
             self.counters["nonfinite_streak"] += 1
@@ -1076,11 +1087,12 @@ class MarbleModule(LightningModule):
         """
         clip = self.hparams.gradient_clip_norm
         skip = self._skip_reason(self._grad_norm())
+        scaler = grad_scaler(self._trainer)  # fp16: the gradients are still scaled here
         if skip is None and clip is not None:
+            clip = scaled_clip(clip, scaler)
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        if skip is not None:
-            opt.zero_grad(set_to_none=True)
-        opt.step()
+        with skipped_update(opt, scaler, skip):
+            opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
