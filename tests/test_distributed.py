@@ -55,6 +55,36 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
     return r0, r1, torch.load(single / "rank0.pt"), order
 
 
+EPS32 = torch.finfo(torch.float32).eps
+REDUCTION_ULPS = 100
+"""A Gram entry summed over the batch in another order (two ranks, then the all-reduce) differs
+by a few float32 ulps of its natural scale ``sqrt(G_ii G_jj)``: measured 2.6 ulps."""
+
+
+def assert_global_grams_match(grams: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+    """The global Gram of each step equals the 1-process run's, to float32 reduction order.
+
+    Entries are compared at their natural scale, ``sqrt(G_ii G_jj)`` (an off-diagonal entry can
+    cancel to ~0, where a relative test is meaningless). Step 1 sees the same weights in both runs:
+    only the reduction order differs, so <= REDUCTION_ULPS ulps. A later step's weights differ by
+    the earlier updates' round-off, and relative to its gradients that difference grows by how
+    much the gradients shrank: the bound scales by trace(G_1) / trace(G_s) (measured: 3.1e-7 at
+    step 1; 7.5e-5 (parameters) and 2.2e-4 (gramian) at step 2, whose trace is 680x smaller,
+    against a bound of 8.1e-3; a missing all-reduce is off by O(1)).
+    """
+    assert len(grams) == len(refs) > 0
+    first = float(refs[0].double().diag().sum())
+    for step, (g, ref) in enumerate(zip(grams, refs, strict=True)):
+        g, ref = g.double(), ref.double()
+        scale = ref.diag().clamp_min(0).sqrt()
+        err = float(((g - ref).abs() / torch.outer(scale, scale)).max())
+        growth = 1.0 if step == 0 else first / float(ref.diag().sum())
+        bound = REDUCTION_ULPS * EPS32 * growth
+        assert err <= bound, (
+            f"step {step + 1}: Gram differs by {err:.2e} of its scale > {bound:.2e}"
+        )
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -88,8 +118,7 @@ def test_ddp_matches_single_process_on_concatenated_batch(tmp_path, tiny_sd3_pat
     )
     assert len(ref["applied"]) == 2
     assert [p[::3] for p in ref["prompts"]] == [order[:4], order[4:]]
-    for g_ddp, g_ref in zip(r0["grams"], ref["grams"], strict=True):  # the GLOBAL Gram
-        torch.testing.assert_close(g_ddp, g_ref, rtol=1e-4, atol=1e-9)
+    assert_global_grams_match(r0["grams"], ref["grams"])
     for key, value in ref["lora"].items():
         torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
