@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,29 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from marble_pl.data import read_prompts
+from marble_pl.data import read_prompt_records
 from marble_pl.errors import ConfigError
 from marble_pl.grid import image_grid, save_png
 from marble_pl.models import DEFAULT_ADAPTER
 
-__all__ = ["SampleGrid"]
+__all__ = ["SampleGrid", "score_text", "validation_prompts"]
+
+
+def score_text(value: float) -> str:
+    """A score for the grid's caption: 4 significant digits, ``n/a`` where it is not a number
+    (a reward that does not apply to the prompt scores NaN)."""
+    return f"{value:.4g}" if math.isfinite(value) else "n/a"
+
+
+def validation_prompts(trainer: Trainer) -> tuple[list[str], list[dict[str, Any]]]:
+    """The data module's validation prompts and metadata, or a one-line error when it has none."""
+    dataset = getattr(getattr(trainer, "datamodule", None), "val_dataset", None)
+    if dataset is None or not len(dataset):
+        raise ConfigError(
+            "SampleGrid has no prompts: give it `prompts` or `prompt_file`, or give the data "
+            "module validation prompts (data.val_file, or data.root with data.val_split)"
+        )
+    return list(dataset.prompts), [dict(m) for m in dataset.metadata]
 
 
 class SampleGrid(Callback):
@@ -29,8 +47,14 @@ class SampleGrid(Callback):
     step of the same run gives byte-identical PNGs. Under DDP only global rank 0 samples and
     writes (one PNG per step); the other ranks skip the work.
 
+    Without ``prompts`` and ``prompt_file`` the grid takes the data module's validation prompts
+    (``data.val_file``, or ``data.root``'s validation split, sources interleaved) with their
+    metadata, so a specialist reward (``ocr``, ``geneval``) scores the prompts it applies to;
+    a score that is not applicable (NaN) shows as ``n/a`` in the text summary.
+
     Args:
-        prompts: the prompts, or ``prompt_file`` (``.txt`` / ``.jsonl``); at most ``max_prompts``.
+        prompts: the prompts, or ``prompt_file`` (``.txt`` / ``.jsonl``, whose fields are the
+            metadata); neither: the validation prompts. At most ``max_prompts``.
         every_n_steps: period in training steps (0: only at the end of training).
         images_per_prompt: seeds per prompt (columns).
         seed: the base seed of the fixed noise.
@@ -54,8 +78,11 @@ class SampleGrid(Callback):
         name: str = "validation",
         max_prompts: int = 8,
     ) -> None:
-        if (prompts is None) == (prompt_file is None):
-            raise ConfigError("give exactly one of `prompts` or `prompt_file` to SampleGrid")
+        if prompts is not None and prompt_file is not None:
+            raise ConfigError(
+                "give exactly one of `prompts` or `prompt_file` to SampleGrid (or neither: the "
+                "data module's validation prompts)"
+            )
         if prompts is not None and not list(prompts):
             raise ConfigError("SampleGrid got an empty prompt list")
         if every_n_steps < 0 or images_per_prompt < 1 or max_prompts < 1:
@@ -63,8 +90,13 @@ class SampleGrid(Callback):
                 "SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1, max_prompts >= 1; "
                 f"got {every_n_steps}, {images_per_prompt}, {max_prompts}"
             )
-        self.prompts = list(prompts) if prompts is not None else read_prompts(prompt_file)
-        self.prompts = self.prompts[:max_prompts]
+        self.max_prompts = max_prompts
+        self.prompts: list[str] = []
+        self.metadata: list[dict[str, Any]] = []
+        if prompts is not None:
+            self._use(list(prompts), [{} for _ in prompts])
+        elif prompt_file is not None:
+            self._use(*read_prompt_records(prompt_file))
         self.every_n_steps = every_n_steps
         self.images_per_prompt = images_per_prompt
         self.seed = seed
@@ -73,9 +105,17 @@ class SampleGrid(Callback):
         self.log_dir: Path | None = None
         self._last_step = -1
 
+    def _use(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
+        """Keep the first ``max_prompts`` prompts and their metadata."""
+        self.prompts = prompts[: self.max_prompts]
+        self.metadata = [dict(m) for m in metadata[: self.max_prompts]]
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Resolve the log dir here, on every rank: ``trainer.log_dir`` is a collective."""
+        """Resolve the log dir here, on every rank: ``trainer.log_dir`` is a collective. Without
+        prompts of its own, take the validation prompts (the data module is set up first)."""
         self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if not self.prompts:
+            self._use(*validation_prompts(trainer))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -100,11 +140,12 @@ class SampleGrid(Callback):
         if not trainer.is_global_zero:
             return None
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+        metadata = [dict(m) for m in self.metadata for _ in range(self.images_per_prompt)]
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         adapter = getattr(pl_module, "eval_adapter", DEFAULT_ADAPTER)  # the evaluation EMA if kept
         config = getattr(pl_module, "eval_rollout_config", None)  # evaluation sampler steps
         out = pl_module.sample(prompts, generator, adapter=adapter, config=config)
-        scores = pl_module.score(out.images, prompts)
+        scores = pl_module.score(out.images, prompts, metadata)
         grid = image_grid(out.images, ncol=self.images_per_prompt)
         log_dir = self.log_dir or Path(trainer.default_root_dir)
         self.last_path = save_png(grid, log_dir / "samples" / f"{self.name}_step{step:06d}.png")
@@ -120,6 +161,6 @@ class SampleGrid(Callback):
         names = pl_module.reward_names
         rows = ["| prompt | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for i, prompt in enumerate(prompts):
-            vals = " | ".join(f"{v:.4g}" for v in scores[i].tolist())
+            vals = " | ".join(score_text(v) for v in scores[i].tolist())
             rows.append(f"| {prompt} | {i % self.images_per_prompt} | {vals} |")
         return "\n".join(rows)

@@ -162,7 +162,7 @@ def test_sample_grid_is_deterministic_and_sized(tiny_sd3_path, tmp_path):
 
 def test_sample_grid_arguments():
     with pytest.raises(ValueError, match="exactly one"):
-        SampleGrid()
+        SampleGrid(prompts=["a red cube"], prompt_file="val.txt")
     with pytest.raises(ValueError, match="empty"):
         SampleGrid(prompts=[])
 
