@@ -10,8 +10,10 @@ sample grid's prompts too).
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace, set_parsing_settings
@@ -85,6 +87,29 @@ def check_shared_settings(cfg: Namespace) -> None:
                 f"the logger records both as the one hyperparameter {key!r}; give them the "
                 f"same value (e.g. --model.{key}={data.get(key)!r})"
             )
+
+
+def remove_empty_run(log_dir: Path) -> None:
+    """Delete a run folder that holds no checkpoint, LoRA or sample (only logs and config)."""
+    if not log_dir.is_dir():
+        return
+    kept = [
+        p
+        for p in log_dir.rglob("*")
+        if p.is_file() and p.suffix in (".ckpt", ".png", ".safetensors")
+    ]
+    if not kept:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def check_max_steps(subcommand: str, max_steps: Any, max_epochs: Any) -> None:
+    """``fit`` with ``max_steps: 0`` (or ``max_epochs: 0``) trains nothing: say so, do not exit 0."""
+    if subcommand == "fit" and (max_steps == 0 or max_epochs == 0):
+        key = "max_steps" if max_steps == 0 else "max_epochs"
+        raise ConfigError(
+            f"trainer.{key} is 0: `marble fit` would train nothing; give a positive number "
+            "(or -1 for no limit), or use `marble validate` to only evaluate"
+        )
 
 
 def check_accelerator(accelerator: Any, devices: Any) -> None:
@@ -172,6 +197,28 @@ class MarbleCLI(LightningCLI):
         if plan.message:
             say(plan.message)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a NEW run that fails before its first step leaves no version folder behind
+        (the next run would otherwise become version_N+1 beside an empty one)."""
+        log_dir = self._new_run_dir(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if log_dir is not None and self.trainer.global_step == 0:
+                remove_empty_run(log_dir)
+            raise
+
+    def _new_run_dir(self, subcommand: str) -> Path | None:
+        """The log folder this ``fit`` will create (None: it exists already, or no logger)."""
+        logger = self.trainer.logger
+        if subcommand != "fit" or logger is None or not self.trainer.is_global_zero:
+            return None
+        try:
+            log_dir = Path(logger.log_dir)
+        except (AttributeError, TypeError):
+            return None
+        return None if log_dir.exists() else log_dir
+
     def before_instantiate_classes(self) -> None:
         """Check the run folder is writable and add marble's progress bar, before any model."""
         subcommand = self.config.get("subcommand")
@@ -179,6 +226,7 @@ class MarbleCLI(LightningCLI):
             return
         check_shared_settings(self.config[subcommand])
         trainer = self.config[subcommand].trainer
+        check_max_steps(subcommand, trainer.get("max_steps"), trainer.get("max_epochs"))
         check_accelerator(trainer.get("accelerator"), trainer.get("devices"))
         root = run_root(trainer.get("logger"), trainer.get("default_root_dir"))
         check_run_folder(root if root is not None else trainer.get("default_root_dir") or ".")

@@ -453,6 +453,8 @@ class MarbleModule(LightningModule):
         """
         hp = self.hparams
         check_loss_scaling(grad_scaler(self._trainer), hp.gradient_space, hp.weights_dtype)
+        if stage == "fit":
+            self._check_micro_batch_size(getattr(self._trainer, "datamodule", None))
         path = hp.pretrained_model_name_or_path
         if self._configured or (hp.build_tiny_if_missing and not Path(path).is_dir()):
             return
@@ -462,6 +464,21 @@ class MarbleModule(LightningModule):
             sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
         if sizes is not None:
             check_resolution(hp.resolution, *sizes)
+
+    def _check_micro_batch_size(self, data: Any) -> None:
+        """A micro-batch larger than a step's (image, timestep) pairs is a mistake, not a no-op."""
+        size = self.hparams.micro_batch_size
+        batch, group = getattr(data, "batch_size", None), getattr(data, "group_size", None)
+        if size is None or not isinstance(batch, int) or not isinstance(group, int):
+            return
+        pairs = batch * group * self.timesteps_count
+        if size > pairs:
+            raise ConfigError(
+                f"model.micro_batch_size is {size} but a step has only {pairs} (image, timestep) "
+                f"pairs per process ({batch} prompts x {group} images x {self.timesteps_count} "
+                f"timesteps): set --model.micro_batch_size to at most {pairs}, or null for one "
+                "micro-batch"
+            )
 
     def configure_model(self) -> None:
         """Load the SD3 components, attach the trained LoRA and the sampling-policy copy."""

@@ -320,3 +320,44 @@ def test_more_gpus_than_the_machine_has(marble_error, monkeypatch):
 def test_interpolation_that_cannot_resolve_is_one_line(marble_error):
     last = marble_error("--model.pretrained_model_name_or_path=${trainer.no_such_key}/tiny-sd3")
     assert "${" in last and "model.pretrained_model_name_or_path" in last
+
+
+# --- runs that fail before their first step leave nothing behind (issue 23, item 7) ---------
+
+
+def _versions(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "runs").rglob("version_*"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("--data.train_file=blank", "contains no prompts"),
+        ("--model.lora_target_modules=[no_such_layer]", "no_such_layer"),
+    ],
+    ids=["whitespace-prompts", "bad-lora-target"],
+)
+def test_a_run_that_fails_before_its_first_step_leaves_no_version_folder(
+    marble_error, tmp_path, monkeypatch, tiny_sd3_path, setting, expected
+):
+    import marble_pl.module as module_mod
+    from marble_pl.models import load_sd3
+
+    monkeypatch.setattr(module_mod, "load_sd3", load_sd3)  # this failure needs the model loaded
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n")
+    setting = setting.replace("=blank", f"={blank}")
+    assert expected in marble_error(setting)
+    assert _versions(tmp_path) == []  # the next run is version_0 again
+
+
+def test_max_steps_zero_is_an_error_not_a_silent_exit(marble_error, tmp_path):
+    last = marble_error("--trainer.max_steps=0")
+    assert "trainer.max_steps is 0" in last and "train nothing" in last
+    assert _versions(tmp_path) == []
+
+
+def test_micro_batch_larger_than_the_step_is_an_error(marble_error):
+    last = marble_error("--model.micro_batch_size=100")
+    assert "model.micro_batch_size is 100 but a step has only 24" in last
+    assert "(2 prompts x 4 images x 3 timesteps)" in last
