@@ -227,3 +227,31 @@ def test_export_lora_needs_the_adapter(tiny_sd3_path, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LoraExportError, match="not a directory"):
         export_lora(module, tmp_path / "file")
+
+
+def _readme_lora_snippets() -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**The LoRA.**", 1)[1]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:3]]
+
+
+def test_readme_lora_snippet_runs_on_the_tiny_pipeline(run, tiny_sd3_path, tmp_path):
+    """The README's first LoRA snippet, as written, on the tiny run's files (issue 23, item 8):
+    no error, and no deprecation warning from diffusers."""
+    import warnings
+
+    tiny, sd35 = _readme_lora_snippets()
+    lora = tmp_path / "lora"
+    export_lora(run.module, lora)
+    assert '"runs/tiny-sd3"' in tiny and '"runs/tiny/version_0/lora"' in tiny
+    code = tiny.replace('"runs/tiny-sd3"', repr(str(tiny_sd3_path))).replace(
+        '"runs/tiny/version_0/lora"', repr(str(lora))
+    )
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("error", message=".*deprecated.*")
+        exec(compile(code, "README.md", "exec"), scope)
+    assert scope["image"].size == (32, 32)
+    code_lines = [line for line in sd35.splitlines() if not line.strip().startswith("#")]
+    assert "dtype=torch.bfloat16" in sd35 and not any("torch_dtype" in ln for ln in code_lines)
