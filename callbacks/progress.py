@@ -23,6 +23,12 @@ def _short_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _counts_steps(trainer: Trainer) -> bool:
+    """A ``max_steps`` run: the bar counts optimizer steps of the whole run, not one epoch's
+    batches (after a resume those read ``12/3``: a batch index against an epoch's length)."""
+    return trainer.max_steps is not None and trainer.max_steps > 0
+
+
 def _step_description(trainer: Trainer, current_epoch: int) -> str:
     """``step 12/20`` for a ``max_steps`` run (Lightning's ``Epoch 1/-2`` reads as a bug)."""
     if trainer.max_steps is not None and trainer.max_steps > 0:
@@ -38,13 +44,23 @@ class MarbleProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return _step_description(self.trainer, current_epoch)
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps(trainer)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        if self.train_progress_bar_id is not None and self.progress is not None:
-            self.progress.update(
-                self.train_progress_bar_id,
-                description=_step_description(trainer, trainer.current_epoch),
-            )
+        self._show_steps(trainer)
+
+    def _show_steps(self, trainer: Trainer) -> None:
+        if self.train_progress_bar_id is None or self.progress is None:
+            return
+        counts = {"total": trainer.max_steps, "completed": trainer.global_step}
+        self.progress.update(
+            self.train_progress_bar_id,
+            description=_step_description(trainer, trainer.current_epoch),
+            **(counts if _counts_steps(trainer) else {}),
+        )
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         return _short_metrics(super().get_metrics(trainer, pl_module))
@@ -55,11 +71,20 @@ class MarbleTQDMProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        self.train_progress_bar.set_description(_step_description(trainer, trainer.current_epoch))
+        self._show_steps(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
-        self.train_progress_bar.set_description(_step_description(trainer, trainer.current_epoch))
+        if _counts_steps(trainer):
+            self.train_progress_bar.reset(total=trainer.max_steps)
+        self._show_steps(trainer)
+
+    def _show_steps(self, trainer: Trainer) -> None:
+        bar = self.train_progress_bar
+        if _counts_steps(trainer):
+            bar.total, bar.n = trainer.max_steps, trainer.global_step
+        bar.set_description(_step_description(trainer, trainer.current_epoch), refresh=False)
+        bar.refresh()
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         return _short_metrics(super().get_metrics(trainer, pl_module))
