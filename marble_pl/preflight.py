@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import resource
 import statistics
 import sys
@@ -34,6 +35,38 @@ PROMPTS = [  # each quotes a text, so the OCR reward applies (and is timed) on e
     'two dogs on grass under a banner reading "park"',
     'an apple on a table next to a note saying "lunch"',
 ]
+GENEVAL_METADATA = [  # GenEval's fields for each prompt: the geneval reward applies everywhere too
+    {
+        "tag": "two_object",
+        "include": [{"class": "cat", "count": 1}, {"class": "stop sign", "count": 1}],
+    },
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+    {
+        "tag": "counting",
+        "include": [{"class": "dog", "count": 2}],
+        "exclude": [{"class": "dog", "count": 3}],
+    },
+    {
+        "tag": "position",
+        "include": [
+            {"class": "dining table", "count": 1},
+            {"class": "apple", "count": 1, "position": ["above", 0]},
+        ],
+    },
+]
+"""Every reward applies to every preflight image (OCR: the quoted text; GenEval: these fields),
+so each is built and timed: the reward phase is that of a batch all of whose images each
+specialist scores, an upper bound for a mixed set where each applies to its own source only."""
+
+
+def prompt_records() -> list[dict[str, Any]]:
+    """The preflight prompts as ``.jsonl`` records: the prompt and its GenEval metadata."""
+    return [
+        {"prompt": prompt, "source": "preflight", **meta}
+        for prompt, meta in zip(PROMPTS, GENEVAL_METADATA, strict=True)
+    ]
+
+
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 MIB = 1024**2
 GIB = 1024**3
@@ -332,8 +365,8 @@ def preflight(
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     scratch = Path(tempfile.mkdtemp(prefix="marble-preflight-"))
-    prompts = scratch / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts = scratch / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_records()))
     model_path = _model_path(raw, scratch)
     args = [
         "--config", str(config),
@@ -343,6 +376,7 @@ def preflight(
         f"--model.resolution={resolution}",
         f"--model.num_inference_steps={num_inference_steps}",
         f"--model.rewards={yaml.safe_dump(rewards, default_flow_style=True).strip()}",
+        "--data.root=null",
         f"--data.train_file={prompts}",
         "--data.val_file=null",
         f"--data.batch_size={batch_size}",
@@ -364,6 +398,11 @@ def preflight(
     per_image = configured["timesteps_per_image"]
     if isinstance(per_image, int) and per_image > num_inference_steps:  # a count the run's
         args.append(f"--model.timesteps_per_image={num_inference_steps}")  # sampler lacks
+        per_image = num_inference_steps
+    pairs = batch_size * group_size * _timesteps(per_image, num_inference_steps)
+    micro = (raw.get("model") or {}).get("micro_batch_size")
+    if isinstance(micro, int) and micro > pairs:  # the timed step is smaller than the config's
+        args.append(f"--model.micro_batch_size={pairs}")
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only `args`
     try:
         cli = MarbleCLI(

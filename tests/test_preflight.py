@@ -150,3 +150,44 @@ def test_pretrained_rewards_are_built_with_random_weights_and_reported(
     assert row.cls == "CLIPModel" and row.params == sum(
         p.numel() for p in CLIPModel(config).parameters()
     )
+
+
+def test_preflight_prompts_make_every_reward_applicable_so_geneval_and_ocr_are_timed(
+    configs, tiny_sd3_path, monkeypatch
+):
+    """The preflight prompts quote a text AND carry GenEval's fields: the ocr and geneval rewards
+    (random weights from tiny local configs) score every image of the timed steps."""
+    from marble_pl.rewards.geneval import GenEvalReward
+    from marble_pl.rewards.ocr import OCRReward
+    from marble_pl.tiny_rewards import ensure_tiny_clip, ensure_tiny_mask2former, ensure_tiny_trocr
+
+    models = configs.parent / "models"
+    trocr = ensure_tiny_trocr(models / "trocr")
+    detector, clip = ensure_tiny_mask2former(models / "m2f"), ensure_tiny_clip(models / "clip")
+    seen: dict[str, list[int]] = {"ocr": [], "geneval": []}
+    for cls, name in ((OCRReward, "ocr"), (GenEvalReward, "geneval")):
+        original = cls.score
+
+        def spy(self, images, prompts, _original=original, _name=name):
+            seen[_name].append(len(images))
+            return _original(self, images, prompts)
+
+        monkeypatch.setattr(cls, "score", spy)
+    specs = (
+        f"[brightness, {{name: ocr, engine: trocr, pretrained_model_name_or_path: {trocr}}}, "
+        f"{{name: geneval, detector_name_or_path: {detector}, clip_name_or_path: {clip}, "
+        "detector_size: 64}]"
+    )
+    report = preflight(
+        configs / "tiny.yaml",
+        steps=2,
+        resolution=32,
+        overrides=[
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            f"--model.rewards={specs}",
+        ],
+    )
+    assert seen == {"ocr": [2, 2], "geneval": [2, 2]}  # 2 steps of 1 prompt x 2 images, all scored
+    rows = {r.name: r for r in report.components}
+    assert rows["reward: geneval"].params > 0 and rows["reward: ocr"].cls == "TrOCREngine"
+    assert report.phases["reward_s"] > 0

@@ -162,6 +162,9 @@ class GenEvalReward(PretrainedReward):
             scale (1333, 800) upstream; None keeps the processor config's size.
         batch_size: images per detector forward.
         only_strict: skip the accuracy pass (``last_accuracy`` stays NaN).
+        build_tiny_if_missing: write a tiny random Mask2Former and CLIP to the local
+            ``detector_name_or_path`` and ``clip_name_or_path`` first when they are missing
+            (CPU smoke runs; :mod:`marble_pl.tiny_rewards`; set ``detector_size: null``).
         local_files_only, cache_dir, revision: passed to the hub (``revision`` to the detector).
         device, dtype, offload_to_cpu: placement, see :class:`PretrainedReward`.
     """
@@ -173,6 +176,7 @@ class GenEvalReward(PretrainedReward):
         detector_size: int | None = 800,
         batch_size: int = 8,
         only_strict: bool = False,
+        build_tiny_if_missing: bool = False,
         local_files_only: bool = False,
         cache_dir: str | None = None,
         revision: str | None = None,
@@ -202,6 +206,7 @@ class GenEvalReward(PretrainedReward):
         self.detector_size = None if detector_size is None else int(detector_size)
         self.batch_size = int(batch_size)
         self.only_strict = bool(only_strict)
+        self.build_tiny_if_missing = bool(build_tiny_if_missing)
         self.processor: Any = None
         self.tokenizer: Any = None
         self.clip_transform: ImageTransform | None = None
@@ -368,6 +373,11 @@ class GenEvalReward(PretrainedReward):
 
         self._color_text.clear()
         name = self.detector_name_or_path
+        if self.build_tiny_if_missing:
+            from marble_pl.tiny_rewards import ensure_tiny_clip, ensure_tiny_mask2former
+
+            ensure_tiny_mask2former(name)
+            ensure_tiny_clip(self.clip_name_or_path)
         hub = {"local_files_only": self.offline, "cache_dir": self.cache_dir}
         try:
             require_local(name)

@@ -70,6 +70,9 @@ class OCRReward(PretrainedReward):
         max_new_tokens: TrOCR's longest decoded text, in tokens.
         batch_size: images per TrOCR ``generate`` call.
         use_gpu: run PaddleOCR on the GPU (the official scorer does not).
+        build_tiny_if_missing: (``trocr``) write a tiny random TrOCR to the local
+            ``pretrained_model_name_or_path`` first when it is missing (CPU smoke runs;
+            :func:`marble_pl.tiny_rewards.ensure_tiny_trocr`).
         local_files_only, cache_dir, revision: passed to the hub (TrOCR).
         device, dtype, offload_to_cpu: placement of the TrOCR model, see :class:`PretrainedReward`.
     """
@@ -82,6 +85,7 @@ class OCRReward(PretrainedReward):
         max_new_tokens: int = 64,
         batch_size: int = 16,
         use_gpu: bool = False,
+        build_tiny_if_missing: bool = False,
         local_files_only: bool = False,
         cache_dir: str | None = None,
         revision: str | None = None,
@@ -114,6 +118,12 @@ class OCRReward(PretrainedReward):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.use_gpu = bool(use_gpu)
+        self.build_tiny_if_missing = bool(build_tiny_if_missing)
+        if self.build_tiny_if_missing and engine != "trocr":
+            raise ConfigError(
+                f"reward {self.name!r}: build_tiny_if_missing builds a tiny TrOCR: set "
+                "engine: trocr, or build_tiny_if_missing: false"
+            )
         if engine == "paddle":
             check_paddle(self.name)  # at config time, not after the policy has loaded
 
@@ -154,6 +164,10 @@ class OCRReward(PretrainedReward):
         from transformers import AutoTokenizer, VisionEncoderDecoderModel
 
         name, processor = self.pretrained_model_name_or_path, self.processor_name_or_path
+        if self.build_tiny_if_missing:
+            from marble_pl.tiny_rewards import ensure_tiny_trocr
+
+            ensure_tiny_trocr(name)
         try:
             require_local(name)
             model = VisionEncoderDecoderModel.from_pretrained(
