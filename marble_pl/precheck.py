@@ -451,3 +451,27 @@ def precheck(argv: list[str]) -> None:
         settings.extend(_yaml_settings(path, _read_config(path)))
     for setting in [*settings, *overrides]:
         _check_setting(setting)
+    if not any(a.startswith("--print_config") for a in argv):
+        _check_prompt_files(argv[0], [*settings, *overrides])
+
+
+PROMPT_FILES = {"fit": ("train_file", "val_file"), "validate": ("val_file",)}
+
+
+def _check_prompt_files(subcommand: str, settings: list[Setting]) -> None:
+    """Every prompt file the subcommand reads exists: all missing ones named in one line."""
+    final = {s.key: s.value for s in settings}  # the last value given wins, as when parsing
+    missing = []
+    for key in PROMPT_FILES.get(subcommand, ()):
+        value = final.get(f"data.{key}")
+        if not isinstance(value, str) or value in ("null", "None", "~", "") or "${" in value:
+            continue
+        if not Path(value).expanduser().is_file():
+            missing.append(f"data.{key} {value!r}")
+    if missing:
+        files = " and ".join(missing)
+        raise UsageError(
+            f"prompt file{'s' if len(missing) > 1 else ''} not found: {files} (relative paths "
+            f"are resolved from {os.getcwd()}): create {'them' if len(missing) > 1 else 'it'} "
+            "(one prompt per line, or .jsonl with a 'prompt' key) or point the setting at yours"
+        )

@@ -131,7 +131,7 @@ def test_gramian_weighting_without_torchjd_is_one_line(tmp_path):
 def test_valid_commands_pass_the_precheck():
     precheck(["fit", "--config", TINY, "--model.lora_rank", "8", "--trainer.max_steps=3"])
     precheck(["fit", "--config", TINY, "--model.balancer", "weighted_sum", "--model.beta=0.1"])
-    precheck(["fit", "--config", str(ROOT / "configs" / "sd35.yaml")])
+    precheck(["fit", "--config", str(ROOT / "configs" / "sd35.yaml"), "--print_config"])
     precheck(["fit", "--config", TINY, "--model.eval_ema_decay", "null", "--help"])
     precheck(["export", "--whatever"])  # not a LightningCLI subcommand: not checked here
 
@@ -154,3 +154,16 @@ def test_schema_follows_the_real_signatures():
 def test_did_you_mean():
     assert did_you_mean("Gramian", ["gramian", "output"]) == " (did you mean 'gramian'?)"
     assert did_you_mean("zzz", ["gramian", "output"]) == ""
+
+
+def test_every_missing_prompt_file_is_named_at_once(tmp_path):
+    proc, lines = marble_light(
+        "fit", "--config", TINY, "--data.train_file", "a.txt", "--data.val_file=b.txt", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "prompt files not found: data.train_file 'a.txt' and data.val_file 'b.txt'" in lines[0]
+    assert "HEAVY=\n" in proc.stdout
+    # validate reads only the validation prompts; --print_config reads none
+    with pytest.raises(UsageError, match=r"prompt file not found: data.val_file 'b.txt'"):
+        precheck(["validate", "--config", TINY, "--data.train_file=a.txt", "--data.val_file=b.txt"])
+    precheck(["fit", "--config", TINY, "--data.train_file=a.txt", "--print_config"])
