@@ -84,7 +84,9 @@ def test_sd35_instantiates_with_tiny_local_model(tmp_path, tiny_sd3_path, monkey
     assert model.transformer.is_gradient_checkpointing
 
 
-@pytest.mark.parametrize("config", ["sd35.yaml", "tiny.yaml"])
+@pytest.mark.parametrize(
+    "config", ["sd35.yaml", "tiny.yaml", "tiny_mixed.yaml", "marble_sd35.yaml"]
+)
 def test_print_config(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
@@ -126,6 +128,7 @@ class FirstStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.first is None:
             self.first = copy.deepcopy(pl_module.last_step)
+            self.first_metadata = list(batch.get("metadata") or [])
         self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
@@ -196,3 +199,62 @@ def test_sd35_settings_train_in_bf16_with_checkpointing_and_the_monitor(
     cos = torch.nn.functional.cosine_similarity(grads_bf16.double(), grads_fp32.double(), dim=1)
     assert cos[0] > 0.99 and cos[1] > 0.99 and cos[2] > 0.9, cos
     assert not torch.equal(grads_bf16, grads_fp32)  # bf16 really ran
+
+
+MARBLE_SD35 = ROOT / "configs" / "marble_sd35.yaml"
+MIXED = ROOT / "configs" / "prompts" / "mixed"
+
+
+def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
+    tmp_path, tiny_sd3_path, monkeypatch
+):
+    """configs/marble_sd35.yaml: the release config's rewards, data and recipe; one step on the
+    tiny model on the CPU with the shipped mixed set (GPU-only sizes swapped for tiny ones)."""
+    raw = yaml.safe_load(MARBLE_SD35.read_text())
+    names = [spec["name"] for spec in raw["model"]["rewards"]]
+    assert names == ["pickscore", "hpsv2", "clip_score", "ocr", "geneval"]
+    assert raw["model"]["rewards"][3]["engine"] == "paddle"  # the official OCR
+    assert raw["data"]["stratified"] is True and raw["data"]["root"]
+    assert (raw["trainer"]["num_nodes"], raw["trainer"]["devices"]) == (2, 8)
+    assert raw["data"]["batch_size"] * 16 == 48 and raw["data"]["group_size"] == 24
+    monkeypatch.chdir(tmp_path)
+    cli = MarbleCLI(
+        MarbleModule,
+        PromptDataModule,
+        seed_everything_default=0,
+        run=False,
+        args=[
+            "--config", str(MARBLE_SD35),
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            "--model.local_files_only=true", "--model.resolution=32",
+            "--model.max_sequence_length=16", "--model.weights_dtype=float32",
+            "--model.num_inference_steps=3", "--model.eval_num_inference_steps=2",
+            "--model.micro_batch_size=null",
+            "--model.rewards=[brightness, saturation, compressibility]",
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
+            "--trainer.strategy=auto", "--trainer.precision=32-true", "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            f"--data.root={MIXED}", "--data.group_size=2",
+        ],
+    )  # fmt: skip
+    hp = cli.model.hparams
+    assert (hp.beta, hp.kl_beta, hp.a_max, hp.guidance_scale) == (0.1, 1e-4, 5.0, 1.0)
+    assert (hp.lora_rank, hp.lora_alpha, hp.lora_init, hp.solver) == (32, 64.0, "gaussian", "dpm2")
+    assert (hp.gradient_space, hp.balance_every_n_steps, hp.gradient_clip_norm) == (
+        "gramian",
+        10,
+        1.0,
+    )
+    assert [cli.model.sampling_decay(s) for s in (0, 100, 2000)] == [0.0, 0.1, 0.95]
+    assert (hp.eval_ema_decay, raw["model"]["eval_num_inference_steps"]) == (0.9, 40)
+    assert raw["model"]["num_inference_steps"] == 25 and raw["model"]["resolution"] == 512
+    assert cli.datamodule.stratified and cli.datamodule.batch_size == 3
+    spy = FirstStep()
+    cli.trainer.callbacks.append(spy)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 1 and spy.first is not None
+    sources = sorted(m["source"] for m in spy.first_metadata)
+    assert sources == ["geneval"] * 2 + ["ocr"] * 2 + ["pickscore"] * 2  # one prompt per source
+    assert torch.isfinite(spy.first.grads).all()
+    grids = list((tmp_path / "runs").rglob("samples/validation_step000001.png"))
+    assert len(grids) == 1  # the grid took the mixed validation prompts (no prompt_file)
