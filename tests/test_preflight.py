@@ -191,3 +191,30 @@ def test_preflight_prompts_make_every_reward_applicable_so_geneval_and_ocr_are_t
     rows = {r.name: r for r in report.components}
     assert rows["reward: geneval"].params > 0 and rows["reward: ocr"].cls == "TrOCREngine"
     assert report.phases["reward_s"] > 0
+
+
+def test_readme_gpu_command_is_a_valid_preflight(monkeypatch, capsys):
+    """The README's "Before renting a GPU" command parses as written, with no stray override."""
+    import shlex
+
+    import marble_pl.preflight as preflight_mod
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Before renting a GPU", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["marble", "preflight"]
+    seen = {}
+
+    class Report:
+        def markdown(self) -> str:
+            return "report"
+
+    def fake(config, **kwargs):
+        seen.update(kwargs, config=config)
+        return Report()
+
+    monkeypatch.setattr(preflight_mod, "preflight", fake)
+    monkeypatch.setattr(preflight_mod.Path, "write_text", lambda self, text: None)
+    assert preflight_mod.main(argv[2:]) == 0
+    assert seen["config"] == "configs/sd35.yaml" and seen["overrides"] == []
+    assert (seen["resolution"], seen["group_size"], seen["num_inference_steps"]) == (512, 9, 25)
