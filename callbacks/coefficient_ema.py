@@ -87,21 +87,47 @@ class CoefficientEMA(Callback):
         """The current ``lambda_bar`` (None before the first step)."""
         return self.ema.value
 
-    def update(self, weights: np.ndarray, gram: np.ndarray | Tensor | None = None) -> np.ndarray:
+    def update(
+        self,
+        weights: np.ndarray,
+        gram: np.ndarray | Tensor | None = None,
+        active: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Fold in this step's ``lambda*``; return the coefficients to apply.
 
         That is ``lambda_bar``, unless the guard is on, the step's Gram is given and
         ``lambda_bar`` would conflict with a reward: then ``lambda*`` (``"reset"``) or the
         projection of ``lambda_bar`` onto the safe set (``"project"``).
+
+        ``active`` (``[K]`` bool, from :meth:`~marble_pl.balancers.Balancer.balance`) marks the
+        rewards that took part in this step's QP; the others have ``lambda*_k = 0`` (no sample,
+        or a zero or non-finite gradient). The EMA folds that 0 in, as the paper authors' alpha
+        EMA does; the coefficients applied are ``lambda_bar`` on the active rewards, renormalised
+        to sum 1 (``lambda*`` if it has no mass there), and the guard checks the active
+        rewards' Gram only: a reward without a usable gradient is never "pushed backwards". With
+        no active reward at all nothing is folded in and zeros are returned (the step is skipped).
         """
-        smoothed = self.ema.update(weights)
-        if self.guard == "off" or gram is None or not conflicts(gram, smoothed):
+        star = np.asarray(weights, dtype=np.float64)
+        keep = np.ones(star.shape, dtype=bool) if active is None else np.asarray(active, bool)
+        if not keep.any():
+            return np.zeros_like(star)
+        smoothed = self.ema.update(star)
+        if not keep.all():
+            total = float(smoothed[keep].sum())
+            smoothed = np.where(keep, smoothed, 0.0) / total if total > 0 else star.copy()
+        if self.guard == "off" or gram is None:
+            return smoothed
+        idx = np.flatnonzero(keep)
+        m = gram.detach().double().cpu().numpy() if isinstance(gram, Tensor) else np.asarray(gram)
+        sub = np.asarray(m, dtype=np.float64)[np.ix_(idx, idx)]
+        if not conflicts(sub, smoothed[idx]):
             return smoothed
         self.guarded += 1
-        star = np.asarray(weights, dtype=np.float64)
         if self.guard == "reset":
             return star
-        return project_to_safe_set(smoothed, gram, fallback=star)
+        out = np.zeros_like(star)
+        out[idx] = project_to_safe_set(smoothed[idx], sub, fallback=star[idx])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.ema.state_dict(), "guarded": self.guarded}

@@ -36,7 +36,11 @@ class GradientCosineMonitor(Callback):
       boundary, where a held-still reward's cosine is 0 up to the QP's round-off (~1e-7).
 
     In ``output`` gradient space the cosines are output-space ones (closed form, no backward);
-    in ``parameters`` and ``gramian`` space they are exact.
+    in ``parameters`` and ``gramian`` space they are exact. Each reward's gradient is that of
+    its loss averaged over the samples it applies to (the weighted-sum direction's over the
+    samples ``R @ w`` applies to); a reward with no sample in the batch, or no usable
+    gradient (it left the balance), has no cosine that step: it is not logged, not in the
+    minimum, and a step where no reward has one is not counted in the fractions.
     Every ``audit_every_n_steps`` steps it also logs exact parameter-space cosines under
     ``cos_exact/...`` and ``cos_exact_ws/...`` (K + 2 backward passes on that step only), and
     how far the step's output-space coefficients are from those the balancer gives on the exact
@@ -89,33 +93,46 @@ class GradientCosineMonitor(Callback):
         """Called by ``MarbleModule`` after the balance, before the update is applied."""
         names = pl_module.reward_names
         k = len(names)
+        w = self._ws_weights(k)
         r_ws = pl_module.optimality_probabilities(
-            ctx.rewards, ctx.group_ids, ctx.bad, self._ws_weights(k)
+            ctx.rewards, ctx.group_ids, ctx.bad, w, ctx.applicable
         ).to(ctx.r.dtype)
+        wts, c, w_ws = ctx.loss_weights, ctx.c_applied, None  # None: uniform (plain mean)
+        if ctx.applicable is not None and wts is not None:
+            w_ws = ctx.loss_weights_for(pl_module.mixed_applicability(ctx.applicable, w))
+        if self._uniform(wts) and self._uniform(c) and self._uniform(w_ws):
+            wts = c = w_ws = None  # every reward applies everywhere: the plain means
         log: dict[str, float] = {}
         audit: dict[str, float] = {}
         if ctx.stats is None:  # parameters space: exact cosines
-            per_reward = ctx.grads if ctx.grads.shape[0] == k else ctx.param_grads(ctx.r)
-            d_ws = ctx.param_grads(r_ws)[0]
+            per_reward = ctx.grads if ctx.grads.shape[0] == k else self._grads(ctx, ctx.r, wts)
+            d_ws = self._grads(ctx, r_ws, w_ws)[0]
             cos, cos_ws = cosines(per_reward, ctx.direction), cosines(per_reward, d_ws)
         else:
-            both = output_cosines(
-                ctx.stats, ctx.r, torch.stack([ctx.r_applied, r_ws[:, 0]], 1), ctx.reduce_sum
-            )
+            dirs = torch.stack([ctx.r_applied, r_ws[:, 0]], 1)
+            dir_w = None if c is None or w_ws is None else torch.stack([c, w_ws[:, 0]], 1)
+            both = output_cosines(ctx.stats, ctx.r, dirs, ctx.reduce_sum, wts, dir_w)
             cos, cos_ws = both[:, 0], both[:, 1]
             step = trainer.global_step
             if self.audit_every_n_steps and step % self.audit_every_n_steps == 0:
-                g = ctx.param_grads(torch.cat([ctx.r, ctx.r_applied[:, None], r_ws], dim=1))
-                audit.update(self._named("cos_exact", names, cosines(g[:k], g[k])))
-                audit.update(self._named("cos_exact_ws", names, cosines(g[:k], g[k + 1])))
+                cols = torch.cat([ctx.r, ctx.r_applied[:, None], r_ws], dim=1)
+                col_w = None if dir_w is None else torch.cat([wts, dir_w], dim=1)
+                g = self._grads(ctx, cols, col_w)
+                active = self._active(ctx, k)
+                audit.update(self._named("cos_exact", names, cosines(g[:k], g[k]), active))
+                audit.update(self._named("cos_exact_ws", names, cosines(g[:k], g[k + 1]), active))
                 audit.update(self._coefficient_gap(pl_module, names, g[:k], ctx))
-        self.steps += 1
-        self.negative += int(cos.min() < -NEGATIVE_COS_TOL)
-        self.negative_ws += int(cos_ws.min() < -NEGATIVE_COS_TOL)
-        log.update(self._named("cos", names, cos))
-        log.update(self._named("cos_ws", names, cos_ws))
-        log["cos/frac_min_negative"] = self.negative / self.steps
-        log["cos_ws/frac_min_negative"] = self.negative_ws / self.steps
+        active = self._active(ctx, k) & torch.isfinite(cos).cpu().numpy()
+        active_ws = self._active(ctx, k) & torch.isfinite(cos_ws).cpu().numpy()
+        log.update(self._named("cos", names, cos, active))
+        log.update(self._named("cos_ws", names, cos_ws, active_ws))
+        if active.any():  # a step where no reward had samples and a gradient is not counted
+            self.steps += 1
+            self.negative += int(log["cos/min"] < -NEGATIVE_COS_TOL)
+            self.negative_ws += int(log.get("cos_ws/min", 0.0) < -NEGATIVE_COS_TOL)
+        if self.steps:
+            log["cos/frac_min_negative"] = self.negative / self.steps
+            log["cos_ws/frac_min_negative"] = self.negative_ws / self.steps
         self.last = {**log, **audit}
         pl_module.log_dict(log, batch_size=ctx.r.shape[0])
         if audit and trainer.is_global_zero:
@@ -143,9 +160,35 @@ class GradientCosineMonitor(Callback):
         return out
 
     @staticmethod
-    def _named(prefix: str, names: Sequence[str], values: torch.Tensor) -> dict[str, float]:
-        out = {f"{prefix}/{n}": float(v) for n, v in zip(names, values.tolist(), strict=True)}
-        out[f"{prefix}/min"] = float(values.min())
+    def _grads(ctx: Any, cols: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Exact gradients of the columns' losses (weighted, or the plain means when None)."""
+        return ctx.param_grads(cols) if weights is None else ctx.param_grads(cols, weights)
+
+    @staticmethod
+    def _uniform(weights: torch.Tensor | None) -> bool:
+        """Whether ``weights`` are one positive value (the plain mean up to a scale)."""
+        if weights is None:
+            return True
+        first = weights.flatten()[0]
+        return bool(first > 0) and bool((weights == first).all())
+
+    @staticmethod
+    def _active(ctx: Any, k: int) -> np.ndarray:
+        """``[K]`` bool: the rewards with samples in the batch and a usable gradient."""
+        active = getattr(ctx, "active", None)
+        return np.ones(k, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+
+    @staticmethod
+    def _named(
+        prefix: str, names: Sequence[str], values: torch.Tensor, keep: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """``<prefix>/<name>`` and ``<prefix>/min`` over the rewards ``keep`` marks (a reward
+        with no sample in the batch, or no usable gradient, has no cosine: it is left out)."""
+        keep = np.ones(len(names), dtype=bool) if keep is None else keep
+        vals = values.tolist()
+        out = {f"{prefix}/{n}": float(v) for n, v, ok in zip(names, vals, keep, strict=True) if ok}
+        if out:
+            out[f"{prefix}/min"] = min(out.values())
         return out
 
     def state_dict(self) -> dict[str, Any]:

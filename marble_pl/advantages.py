@@ -16,27 +16,50 @@ StdMode = Literal["group", "global"]
 __all__ = ["batch_moments", "group_advantages", "optimality", "pooled_std"]
 
 
-def batch_moments(rewards: Tensor) -> Tensor:
+def batch_moments(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """``[3, K]`` float64: the count, mean and sum of squared deviations of each reward column.
 
     One rank's share of a global standard deviation: stack every rank's moments (an all-gather of
     this small, fixed-shape tensor) and :func:`pooled_std` gives the standard deviation of the
     concatenated batch, exactly, whatever each rank's batch size (Chan et al.'s pairwise update).
-    ``rewards`` is ``[N, K]`` or ``[N]`` (``K = 1``).
+    ``rewards`` is ``[N, K]`` or ``[N]`` (``K = 1``). ``mask`` (bool, the same shape) keeps only
+    the samples a reward applies to: a column's moments are those of its kept values (count 0,
+    mean 0 when none is kept).
     """
     x = rewards.detach().to(torch.float64)
     x = x.unsqueeze(1) if x.ndim == 1 else x
     if x.ndim != 2:
         raise ValueError(f"rewards must be [N] or [N, K], got shape {tuple(rewards.shape)}")
-    n = x.shape[0]
-    mean = x.mean(0) if n else x.new_zeros(x.shape[1])
-    m2 = (x - mean).square().sum(0)
-    return torch.stack([torch.full_like(mean, float(n)), mean, m2])
+    if mask is None:
+        n = x.shape[0]
+        mean = x.mean(0) if n else x.new_zeros(x.shape[1])
+        m2 = (x - mean).square().sum(0)
+        return torch.stack([torch.full_like(mean, float(n)), mean, m2])
+    keep = _as_mask(mask, x)
+    count = keep.sum(0).to(torch.float64)
+    x = torch.where(keep, x, torch.zeros_like(x))  # NaN where not applicable must not leak
+    mean = x.sum(0) / count.clamp_min(1.0)
+    m2 = torch.where(keep, (x - mean).square(), torch.zeros_like(x)).sum(0)
+    return torch.stack([count, mean, m2])
 
 
-def pooled_std(moments: Tensor) -> Tensor:
+def _as_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """``mask`` as a bool tensor shaped like the ``[N, K]`` ``like`` (an ``[N]`` mask: K = 1)."""
+    keep = mask.to(device=like.device, dtype=torch.bool)
+    keep = keep.unsqueeze(1) if keep.ndim == 1 else keep
+    if keep.shape != like.shape:
+        raise ValueError(
+            f"mask must have the rewards' shape {tuple(like.shape)}, got {tuple(mask.shape)}"
+        )
+    return keep
+
+
+def pooled_std(moments: Tensor, allow_empty: bool = False) -> Tensor:
     """``[K]``: the population standard deviation of the union of the batches whose
     :func:`batch_moments` are stacked in ``moments`` (``[R, 3, K]``, or ``[3, K]`` for one).
+
+    A column with no value in any batch is an error, unless ``allow_empty`` (a reward that
+    applies to no sample of the step): its standard deviation is then 0.
     """
     if moments.ndim == 2:
         moments = moments.unsqueeze(0)
@@ -44,10 +67,12 @@ def pooled_std(moments: Tensor) -> Tensor:
         raise ValueError(f"moments must be [R, 3, K] or [3, K], got {tuple(moments.shape)}")
     n, mean, m2 = moments.to(torch.float64).unbind(1)  # each [R, K]
     total = n.sum(0)
-    if bool((total <= 0).any()):
+    if bool((total <= 0).any()) and not allow_empty:
         raise ValueError("pooled_std: the batches hold no rewards")
-    grand = (n * mean).sum(0) / total
-    return ((m2 + n * (mean - grand).square()).sum(0) / total).sqrt()
+    safe = total.clamp_min(1.0)
+    grand = (n * mean).sum(0) / safe
+    var = (m2 + n * (mean - grand).square()).sum(0) / safe
+    return torch.where(total > 0, var.sqrt(), torch.zeros_like(var))
 
 
 def group_advantages(
@@ -56,6 +81,7 @@ def group_advantages(
     eps: float = 1e-4,
     std: StdMode = "global",
     global_std: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Per-reward advantages ``A[:, k] = (R[:, k] - mean_group) / (std + eps)``.
 
@@ -76,9 +102,16 @@ def group_advantages(
 
     Standard deviations are the population ones (``unbiased=False``, as ``np.std``).
 
+    ``mask`` (bool, the rewards' shape) marks the samples each reward applies to (a specialist
+    reward such as OCR scores some prompts only): the group means and both standard deviations
+    use those samples only (pass ``global_std`` computed with the same mask), and a sample
+    outside the mask gets advantage 0 for that reward, whatever its value (NaN included): as the
+    paper authors' code, which gives not-applicable samples advantage 0.
+
     Edge cases (documented behaviour, not errors): a group of size 1 has advantage 0 (there is no
     peer to compare with); a group whose rewards are all equal has advantage 0 (zero numerator).
-    Both therefore map to ``r = 0.5`` in :func:`optimality`, i.e. no push either way.
+    Both therefore map to ``r = 0.5`` in :func:`optimality`, i.e. no push either way. With a
+    mask, "size" counts the group's samples the reward applies to.
     """
     squeeze = rewards.ndim == 1
     if squeeze:
@@ -103,26 +136,34 @@ def group_advantages(
         )
 
     rewards = rewards.to(torch.float32) if not rewards.is_floating_point() else rewards
+    keep = None if mask is None else _as_mask(mask, rewards)
+    if keep is not None:
+        rewards = torch.where(keep, rewards, torch.zeros_like(rewards))
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     n_groups = counts.shape[0]
     k = rewards.shape[1]
     index = inverse.unsqueeze(1).expand(-1, k)
     sums = torch.zeros(n_groups, k, dtype=rewards.dtype, device=rewards.device)
     sums.scatter_add_(0, index, rewards)
-    counts_f = counts.to(rewards.dtype).unsqueeze(1)
-    mean = (sums / counts_f)[inverse]
+    if keep is None:
+        counts_f = counts.to(rewards.dtype).unsqueeze(1)
+    else:  # per reward: the group's applicable samples
+        counts_f = torch.zeros_like(sums).scatter_add_(0, index, keep.to(rewards.dtype))
+    mean = (sums / counts_f.clamp_min(1))[inverse]
     centred = rewards - mean
+    if keep is not None:
+        centred = torch.where(keep, centred, torch.zeros_like(centred))
 
     if std == "group":
         sq = torch.zeros_like(sums).scatter_add_(0, index, centred.square())
-        sigma = (sq / counts_f).sqrt()[inverse]
+        sigma = (sq / counts_f.clamp_min(1)).sqrt()[inverse]
     else:
         if global_std is None:
-            global_std = pooled_std(batch_moments(rewards))
+            global_std = pooled_std(batch_moments(rewards, keep), allow_empty=keep is not None)
         sigma = global_std.reshape(1, k).to(rewards.device, rewards.dtype).expand_as(rewards)
 
     adv = centred / (sigma + eps)
-    singleton = (counts == 1)[inverse].unsqueeze(1)
+    singleton = (counts_f <= 1)[inverse]
     adv = torch.where(singleton | (centred == 0), torch.zeros_like(adv), adv)
     return adv.squeeze(1) if squeeze else adv
 

@@ -38,6 +38,8 @@ __all__ = [
     "rescale_gram",
     "to_raw_weights",
     "project_to_simplex",
+    "GRAD_EPS",
+    "active_rewards",
 ]
 
 Normalization = Literal["none", "l2", "loss"]
@@ -58,6 +60,8 @@ class BalanceResult:
     status: str
     solve_seconds: float
     fallback: bool
+    active: np.ndarray | None = None
+    """``[K]`` bool: the rewards that took part in the QP (None: all of them)."""
 
 
 class Balancer(Protocol):
@@ -72,6 +76,36 @@ def gram(grads: Tensor) -> Tensor:
         raise ValueError(f"grads must be [K, P], got shape {tuple(grads.shape)}")
     g = grads.double()
     return g @ g.t()
+
+
+#: A reward whose gradient norm is at most this (or not finite) leaves the QP with weight 0, as
+#: in the paper authors' code (``grad_eps``): a gradient of the batch's mean loss that small
+#: carries no direction worth balancing.
+GRAD_EPS = 1e-12
+
+
+def active_rewards(
+    gram: np.ndarray | Tensor, present: np.ndarray | None = None, grad_eps: float = GRAD_EPS
+) -> np.ndarray:
+    """``[K]`` bool: the rewards that take part in the balance.
+
+    A reward leaves it when it applies to no sample of the batch (``present[k]`` False), or its
+    gradient norm ``sqrt(M_kk)`` is ``<= grad_eps`` or not finite (a non-finite gradient shows
+    as a non-finite diagonal entry).
+    """
+    if isinstance(gram, Tensor):
+        gram = gram.detach().double().cpu().numpy()
+    m = np.asarray(gram, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"gram must be a square [K, K] matrix, got shape {m.shape}")
+    diag = np.diag(m)
+    keep = np.isfinite(diag) & (np.sqrt(np.abs(diag)) > grad_eps)
+    if present is not None:
+        present = np.asarray(present, dtype=bool)
+        if present.shape != keep.shape:
+            raise ValueError(f"present must be [{keep.size}] bool, got shape {present.shape}")
+        keep &= present
+    return keep
 
 
 def project_to_simplex(x: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, get_args
 
 import numpy as np
@@ -30,9 +31,11 @@ import torch
 from torch import Tensor
 
 from marble_pl.balance import (
+    GRAD_EPS,
     BalanceResult,
     MinNormSolver,
     Normalization,
+    active_rewards,
     gradient_scales,
     rescale_gram,
     to_raw_weights,
@@ -104,6 +107,8 @@ class Balancer(ABC):
     k: int | None = None
     names: tuple[str, ...] = ()
     _last: np.ndarray | None = None
+    _subset: bool = False
+    """True while :meth:`balance` solves on the rewards left in the QP (a smaller Gram)."""
 
     def bind(self, reward_names: Sequence[str]) -> None:
         """Validate against the K rewards (a ConfigError names the setting); called once."""
@@ -133,6 +138,63 @@ class Balancer(ABC):
         Only called when :attr:`needs_gram`. The weights must sum to 1 because the update's loss
         is affine in ``r``: ``r_bar = r @ lambda`` is then itself an optimality probability.
         """
+
+    def balance(
+        self,
+        gram: np.ndarray | Tensor,
+        losses: np.ndarray | Tensor | None = None,
+        present: np.ndarray | None = None,
+        grad_eps: float = GRAD_EPS,
+    ) -> BalanceResult:
+        """:meth:`__call__` on the rewards that take part (:func:`~marble_pl.balance.active_rewards`).
+
+        A reward that applies to no sample of the batch (``present[k]`` False), or whose
+        gradient norm is ``<= grad_eps`` or not finite, leaves the QP with weight 0 and the
+        others are balanced among themselves (the paper authors' rule); the result's ``active``
+        says which took part. When none is left the weights are all 0 (the module skips that
+        update) with status ``no_sample`` (no reward applies to any sample), ``nonfinite_gram``
+        (some gradient not finite), ``zero_gram`` (every gradient exactly zero) or
+        ``no_active_reward`` (the norms are all ``<= grad_eps``). The warm start of the rewards
+        left out is kept for the next full solve. A balancer configured for K rewards (a
+        torchjd ``pref_vector``, say) that cannot solve a smaller problem falls back as it
+        documents.
+        """
+        m = _as_gram(gram)
+        k = m.shape[0]
+        keep = active_rewards(m, present, grad_eps)
+        if keep.all():
+            return replace(self(m, losses), active=keep)
+        if not keep.any():
+            if present is not None and not np.any(present):
+                status = "no_sample"
+            elif not np.all(np.isfinite(m)):
+                status = "nonfinite_gram"
+            elif not m.any():
+                status = "zero_gram"
+            else:
+                status = "no_active_reward"
+            return BalanceResult(np.zeros(k), status, 0.0, False, active=keep)
+        idx = np.flatnonzero(keep)
+        previous = self.warm_start
+        if previous is not None and previous.shape == (k,):
+            sub = previous[idx]
+            self.warm_start = sub / sub.sum() if sub.sum() > 0 else None
+        host = None if losses is None else _as_array(losses)[idx]
+        self._subset = True
+        try:
+            result = self(m[np.ix_(idx, idx)], host)
+        finally:
+            self._subset = False
+        weights = np.zeros(k)
+        weights[idx] = result.weights
+        solved = self.warm_start
+        if solved is not None and solved.shape == (idx.size,):
+            full = np.zeros(k) if previous is None or previous.shape != (k,) else previous.copy()
+            full[idx] = solved * (full[idx].sum() if full[idx].sum() > 0 else 1.0)
+            self.warm_start = full / full.sum()
+        else:
+            self.warm_start = previous
+        return replace(result, weights=weights, active=keep)
 
     def effective_weights(self, weights: np.ndarray) -> np.ndarray:
         """Per-reward weights of an update, for logging: :meth:`mix` when mixing, else ``weights``."""
@@ -184,7 +246,7 @@ class Balancer(ABC):
         after the backward, so these weights are never applied and the warm start is kept.
         """
         k = m.shape[0]
-        if self.k is not None and k != self.k:
+        if self.k is not None and k != self.k and not (self._subset and k < self.k):
             raise ValueError(f"gram is {k}x{k} but {self.k} rewards were bound {list(self.names)}")
         if not np.all(np.isfinite(m)):
             return BalanceResult(np.full(k, 1.0 / k), "nonfinite_gram", 0.0, False)
@@ -248,7 +310,11 @@ class WeightedSum(Balancer):
     """Baseline (today's practice): one advantage estimator on ``R @ w``, ``w`` normalised.
 
     ``weights`` are non-negative with a positive sum, one per reward in ``model.rewards``'
-    order; None gives uniform weights.
+    order; None gives uniform weights. Where some rewards do not apply to a sample
+    (:meth:`~marble_pl.rewards.Reward.applicable`), its combined score is the weighted mean of
+    those that do, ``sum_k w_k a_ik R_ik / sum_k w_k a_ik`` (``w`` renormalised per sample); a
+    sample none of whose weighted rewards applies is left out of the estimator (``r = 0.5``)
+    and of the loss's mean. :class:`SingleReward` is the one-hot case: its reward's samples only.
     """
 
     needs_gram: ClassVar[bool] = False

@@ -27,6 +27,8 @@ __all__ = [
     "flat_grad",
     "flatten_grads",
     "assign_flat_grad",
+    "masked_mean_weights",
+    "affine_combination",
 ]
 
 
@@ -85,6 +87,46 @@ def update_direction(grads: Tensor, weights: Tensor) -> Tensor:
     return weights.to(grads.dtype) @ grads
 
 
+def masked_mean_weights(mask: Tensor, n_valid: Tensor) -> Tensor:
+    """``[N, K]`` loss weights ``w_ik = mask_ik / n_valid_k`` (0 where ``n_valid_k == 0``).
+
+    ``L_k = sum_i w_ik l_i`` is reward ``k``'s loss averaged over the samples it applies to
+    (the paper authors' ``loss_mask``, sum / n_valid). ``n_valid`` is the GLOBAL count (every
+    micro-batch, timestep and data-parallel rank), so summing the ranks' ``L_k`` gives the mean
+    over the global batch's valid samples: 2 processes equal 1.
+    """
+    if mask.ndim != 2 or n_valid.shape != mask.shape[1:]:
+        raise ValueError(
+            f"need mask [N, K] and n_valid [K], got {tuple(mask.shape)} and {tuple(n_valid.shape)}"
+        )
+    n = n_valid.to(torch.float64)
+    inv = torch.where(n > 0, 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
+    return mask.to(torch.float64) * inv.to(mask.device)
+
+
+def affine_combination(r: Tensor, weights: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``(r_bar [N], c [N])`` with ``sum_k lam_k L_k = sum_i c_i l_i(r_bar_i)`` (+ constants).
+
+    Each reward's loss ``L_k = sum_i w_ik l_i(r_ik)`` has its own weights (its own valid samples
+    and denominator, :func:`masked_mean_weights`). Because the per-sample loss is affine in
+    ``r``, ``l_i(r) = r a_i + b_i``, the combination is one loss per sample again:
+    ``sum_k lam_k w_ik (r_ik a_i + b_i) = c_i (r_bar_i a_i + b_i)`` with ``c_i = sum_k lam_k
+    w_ik`` and ``r_bar_i = sum_k lam_k w_ik r_ik / c_i``, a convex combination of the ``r_ik``
+    for ``lam >= 0`` (so in ``[0, 1]``). Where ``c_i = 0`` (no reward with weight applies)
+    ``r_bar_i = 0.5``. So ``d = sum_k lam_k g_k`` is ONE backward of ``sum_i c_i l_i(r_bar_i)``.
+    """
+    if r.shape != weights.shape or lam.shape != r.shape[1:]:
+        raise ValueError(
+            f"need r and weights [N, K] and lam [K], got {tuple(r.shape)}, "
+            f"{tuple(weights.shape)} and {tuple(lam.shape)}"
+        )
+    lw = weights.to(torch.float64) * lam.to(device=r.device, dtype=torch.float64)
+    c = lw.sum(1)
+    num = (lw * r.to(torch.float64)).sum(1)
+    r_bar = torch.where(c != 0, num / torch.where(c != 0, c, torch.ones_like(c)), 0.5)
+    return r_bar.to(r.dtype), c.to(r.dtype)
+
+
 def cosines(grads: Tensor, direction: Tensor, eps: float = 1e-30) -> Tensor:
     """Cosine of each ``g_k`` with ``direction``; 0 where either vector is zero."""
     g = grads.double()
@@ -119,6 +161,8 @@ def output_cosines(
     r: Tensor,
     directions: Tensor,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    weights: Tensor | None = None,
+    direction_weights: Tensor | None = None,
 ) -> Tensor:
     """``[K, J]`` cosines between per-reward output-space gradients and J update directions.
 
@@ -126,14 +170,24 @@ def output_cosines(
     columns of ``r [N, K]`` and the directions' columns of ``directions [N, J]``. Their inner
     products come from the per-sample ``stats`` (:func:`~marble_pl.nft.nft_output_stats`), so no
     gradient is materialised; ``reduce`` sums the partial Grams over data-parallel ranks.
+    ``weights`` ``[N, K]`` and ``direction_weights`` ``[N, J]`` are the columns' per-sample loss
+    weights (:func:`~marble_pl.nft.output_gram`; uniform when None).
     """
     reduce = reduce or (lambda x: x)
     if directions.ndim == 1:
         directions = directions.unsqueeze(1)
-    cross = reduce(output_gram(stats, r, directions))
-    norms_k = reduce(torch.diagonal(output_gram(stats, r)).contiguous()).clamp_min(0).sqrt()
+    if direction_weights is not None and direction_weights.ndim == 1:
+        direction_weights = direction_weights.unsqueeze(1)
+    wk = {} if weights is None else {"weights": weights}
+    wd = {} if direction_weights is None else {"weights": direction_weights}
+    cross = reduce(
+        output_gram(stats, r, directions, weights=weights, weights_other=direction_weights)
+    )
+    norms_k = reduce(torch.diagonal(output_gram(stats, r, **wk)).contiguous()).clamp_min(0).sqrt()
     norms_d = (
-        reduce(torch.diagonal(output_gram(stats, directions)).contiguous()).clamp_min(0).sqrt()
+        reduce(torch.diagonal(output_gram(stats, directions, **wd)).contiguous())
+        .clamp_min(0)
+        .sqrt()
     )
     denom = norms_k.unsqueeze(1) * norms_d.unsqueeze(0)
     return torch.where(denom > 0, cross / denom.clamp_min(1e-300), torch.zeros_like(cross))

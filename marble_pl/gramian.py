@@ -10,7 +10,10 @@ and every ``g_k`` comes from ONE backward of ``sum_p a_p`` in which each trained
 weighs its per-sample weight gradient by ``r_pk`` (:class:`LinearGradientTaps`), plus ONE plain
 backward of ``sum_p b_p``: two backwards whatever K is, against K in ``parameters`` space, and the
 same vectors, so their Gram ``M = G G^T`` is the exact parameter-space Gram. For a LoRA layer the
-per-sample weight gradients are ``rank x width``: small next to the backward itself.
+per-sample weight gradients are ``rank x width``: small next to the backward itself. When each
+reward has its own per-pair weights ``w_pk`` (its loss averaged over the pairs it applies to),
+``g_k = sum_p w_pk (r_pk grad a_p + grad b_p)``: the second backward is tapped too, weighted by
+``w``; still two backwards.
 """
 
 from __future__ import annotations
@@ -136,17 +139,32 @@ def affine_reward_grads(
     b: Tensor,
     r: Tensor,
     extra: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``[K, P]`` gradients of ``sum_p (r_pk a_p + b_p)`` for every column ``k`` of ``r [n, K]``.
+    """``[K, P]`` gradients of ``sum_p w_pk (r_pk a_p + b_p)`` for every column ``k`` of ``r [n, K]``.
 
-    Two backwards: the tapped one of ``sum a`` (weighted by ``r``) and a plain one of
-    ``sum b``; with ``extra`` (a scalar such as the KL term, not part of any reward) a third
-    gives its gradient ``[P]`` separately. The graph is freed after the last one.
+    Two backwards: the tapped one of ``sum a`` (weighted by ``w r``) and one of ``sum b``:
+    plain when ``weights`` is None (``w = 1``), tapped (weighted by ``w``) when each reward has
+    its own per-pair weights (:func:`~marble_pl.gradients.masked_mean_weights`: a reward
+    averaged over the pairs it applies to). With ``extra`` (a scalar such as the KL term, not
+    part of any reward) a third gives its gradient ``[P]`` separately. The graph is freed after
+    the last one.
     """
     params = taps.params
-    weighted = taps.weighted(a, r, retain_graph=True)
-    grad_b = torch.autograd.grad(b.sum(), params, retain_graph=extra is not None, allow_unused=True)
-    grads = weighted + flatten_grads(grad_b, params).unsqueeze(0)
+    if weights is None:
+        weighted = taps.weighted(a, r, retain_graph=True)
+        grad_b = torch.autograd.grad(
+            b.sum(), params, retain_graph=extra is not None, allow_unused=True
+        )
+        grads = weighted + flatten_grads(grad_b, params).unsqueeze(0)
+    else:
+        if weights.shape != r.shape:
+            raise ValueError(
+                f"weights must be shaped like r {tuple(r.shape)}, got {tuple(weights.shape)}"
+            )
+        w = weights.to(r.dtype)
+        grads = taps.weighted(a, w * r, retain_graph=True)
+        grads = grads + taps.weighted(b, w, retain_graph=extra is not None)
     extra_grad = None
     if extra is not None:
         extra_grad = flatten_grads(torch.autograd.grad(extra, params, allow_unused=True), params)

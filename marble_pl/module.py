@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -43,7 +44,14 @@ from marble_pl.checks import (
     resolution_multiple,
 )
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
-from marble_pl.gradients import GradientSpace, assign_flat_grad, parameter_grads, update_direction
+from marble_pl.gradients import (
+    GradientSpace,
+    affine_combination,
+    assign_flat_grad,
+    masked_mean_weights,
+    parameter_grads,
+    update_direction,
+)
 from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, affine_split
 from marble_pl.loss_scaling import (
     check_loss_scaling,
@@ -111,6 +119,10 @@ class StepRecord:
     grads: Tensor | None
     direction: Tensor | None
     balance: BalanceResult | None
+    applicable: Tensor | None = None
+    """``[N, K]`` bool: the samples each reward applies to (:meth:`MarbleModule.applicability`)."""
+    loss_weights: Tensor | None = None
+    """``[N, J]`` per-image loss weights of ``r_train``'s columns (:meth:`MarbleModule.loss_weights`)."""
 
 
 @dataclass
@@ -139,14 +151,51 @@ class GradientContext:
     """This step's ``lambda*`` (from the Gram of the step's gradient space)."""
     losses: Tensor | None = None
     """This step's per-reward mean losses ``[K]`` (the ``loss`` normalisation's scales)."""
+    applicable: Tensor | None = None
+    """``[N, K]`` bool: the samples each reward applies to."""
+    loss_weights: Tensor | None = None
+    """``[N, K]``: each reward's loss weights (its loss averaged over its valid samples)."""
+    c_applied: Tensor | None = None
+    """``[N]``: the update's per-image loss weights (with ``r_applied``, :func:`affine_combination`)."""
+    active: np.ndarray | None = None
+    """``[K]`` bool: the rewards with samples in the batch and a usable gradient."""
+    weights_fn: Callable[[Tensor], Tensor] | None = None
 
-    def param_grads(self, r_cols: Tensor) -> Tensor:
-        """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``."""
-        return self.module._all_reduce_mean(self.grads_fn(r_cols))
+    def param_grads(self, r_cols: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``.
+
+        ``weights`` ``[N, J]`` (global loss weights, :meth:`loss_weights_for`): column ``j``'s
+        loss is ``sum_i w_ij l_i``; None: the plain mean over the batch.
+        """
+        if weights is None:
+            return self.module._all_reduce_mean(self.grads_fn(r_cols))
+        return self.module._all_reduce_sum(self.grads_fn(r_cols, weights))
+
+    def loss_weights_for(self, mask: Tensor) -> Tensor:
+        """``[N, J]`` loss weights averaging each column over its ``mask`` (global counts)."""
+        assert self.weights_fn is not None
+        return self.weights_fn(mask)
 
     def reduce_sum(self, x: Tensor) -> Tensor:
         """Sum over data-parallel ranks (output-space Grams add up over samples)."""
         return self.module._all_reduce_sum(x)
+
+
+@dataclass
+class LossMask:
+    """Which samples each loss column averages over: ``mask [N, J]`` (this rank), the GLOBAL
+    count of valid images per column ``counts [J]`` (all ranks) and the per-image loss weights
+    ``weights [N, J] = mask / (count * T)`` (:func:`~marble_pl.gradients.masked_mean_weights`;
+    each of an image's ``T`` pairs carries it)."""
+
+    mask: Tensor
+    counts: Tensor
+    weights: Tensor
+
+    @property
+    def present(self) -> np.ndarray:
+        """``[J]`` bool: the columns with a valid sample on some rank."""
+        return (self.counts > 0).cpu().numpy()
 
 
 Forward = tuple[Tensor | None, Tensor]
@@ -241,7 +290,15 @@ class MarbleModule(LightningModule):
         lr_scheduler: optional LR scheduler, stepped every training step.
         gradient_clip_norm: clip the applied gradient's norm (None: off).
         nonfinite_rewards: ``error`` stops with a message naming the reward; ``drop`` gives those
-            samples ``r = 0.5`` (no push) for that reward and counts them in a metric.
+            samples ``r = 0.5`` (no push) for that reward and counts them in a metric. Only
+            where the reward applies (:meth:`Reward.applicable`): elsewhere its score (NaN by the
+            official convention) is no signal at all, neither an error nor a drop: the sample
+            gets ``r = 0.5`` for it and is left out of its group means, its standard deviation
+            and its loss's mean (each reward's loss is averaged over the samples it applies to,
+            sum / n_valid over the global batch), and a reward with no sample in the batch, or a
+            zero or non-finite gradient, leaves the balance with weight 0. Logged:
+            ``rewards/<name>/applicable`` and, with a ``source`` in the prompts' metadata,
+            ``reward_by_source/<name>/<source>``.
         max_sequence_length: T5 tokens (SD3 default 256).
         weights_dtype: dtype of the frozen SD3 weights (``bfloat16`` halves their memory on a
             GPU); the LoRA parameters are always kept in float32 for the optimizer.
@@ -418,6 +475,7 @@ class MarbleModule(LightningModule):
             "nonfinite_rewards": 0,
             "skipped_nonfinite": 0,
             "skipped_zero_grad": 0,
+            "skipped_no_reward": 0,
             "nonfinite_streak": 0,
         }
         self.last_step: StepRecord | None = None
@@ -646,9 +704,60 @@ class MarbleModule(LightningModule):
             [rw(images, prompts, metadata=metadata).float() for rw in self.rewards], dim=1
         )
 
-    def _check_finite(self, rewards: Tensor) -> Tensor:
-        """Apply the non-finite policy: a clear error, or a mask of the rows to neutralise."""
+    def applicability(self, prompts: Sequence[str], metadata: Metadata | None = None) -> Tensor:
+        """``[N, K]`` bool: the samples each reward scores (:meth:`Reward.applicable`).
+
+        Decided from the prompts and their metadata alone (OCR: quoted text; GenEval: an
+        ``include`` field), so it is known before scoring and agrees on every rank. A reward
+        does not apply elsewhere: its score there is ignored (NaN by the official convention),
+        which is neither an error nor a drop.
+        """
+        n, cols = len(prompts), []
+        for name, reward in zip(self.reward_names, self.rewards, strict=True):
+            col = torch.as_tensor(reward.applicable(prompts, metadata))
+            if col.shape != (n,):
+                raise ValueError(
+                    f"reward {name!r}: applicable() returned shape {tuple(col.shape)} for {n} "
+                    f"prompts: return a bool tensor of shape [{n}], one entry per prompt"
+                )
+            cols.append(col.to(torch.bool).cpu())
+        return torch.stack(cols, dim=1).to(self.device)
+
+    def estimators(
+        self, rewards: Tensor, group_ids: Tensor, bad: Tensor, applicable: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(r_each [N, K], r [N, J], mask [N, J])``: one estimator per reward, and the one(s)
+        the update trains on with the samples each applies to: ``r_each`` and ``applicable``
+        themselves, or the baselines' ONE estimator on ``R @ w`` (:meth:`Balancer.mix`)."""
+        r_each = self.optimality_probabilities(rewards, group_ids, bad, None, applicable)
+        mix = self.balancer.mix()
+        if mix is None:
+            return r_each, r_each, applicable
+        r = self.optimality_probabilities(rewards, group_ids, bad, mix, applicable)
+        return r_each, r, self.mixed_applicability(applicable, mix)
+
+    @staticmethod
+    def mixed_applicability(applicable: Tensor, combine: np.ndarray) -> Tensor:
+        """``[N, 1]``: the samples ``R @ w`` applies to: some reward with ``w_k > 0`` applies."""
+        w = torch.as_tensor(combine, device=applicable.device) > 0
+        return (applicable & w).any(1, keepdim=True)
+
+    def loss_mask(self, mask: Tensor, count: int) -> LossMask:
+        """Each column's loss averaged over its valid pairs (``mask [N, J]``, ``count`` timesteps
+        per image), with the count taken over every data-parallel rank (one small all-reduce;
+        every rank must call this)."""
+        counts = self._all_reduce_sum(mask.sum(0).to(torch.float64))
+        weights = masked_mean_weights(mask, counts * count).to(torch.float32)
+        return LossMask(mask, counts, weights)
+
+    def _check_finite(self, rewards: Tensor, applicable: Tensor | None = None) -> Tensor:
+        """Apply the non-finite policy: a clear error, or a mask of the rows to neutralise.
+
+        Only where the reward applies: a NaN where it does not is its "not applicable".
+        """
         bad = ~torch.isfinite(rewards)
+        if applicable is not None:
+            bad &= applicable.to(bad.device)
         if not bad.any():
             return bad
         names = [self.reward_names[k] for k in bad.any(0).nonzero().flatten().tolist()]
@@ -663,7 +772,12 @@ class MarbleModule(LightningModule):
         return bad
 
     def optimality_probabilities(
-        self, rewards: Tensor, group_ids: Tensor, bad: Tensor, combine: np.ndarray | None = None
+        self,
+        rewards: Tensor,
+        group_ids: Tensor,
+        bad: Tensor,
+        combine: np.ndarray | None = None,
+        applicable: Tensor | None = None,
     ) -> Tensor:
         """``r``: ``[N, K]``, one estimator per reward; or ``[N, 1]`` on ``R @ combine``.
 
@@ -671,30 +785,56 @@ class MarbleModule(LightningModule):
         scores get their group's mean before the advantages and ``r = 0.5`` after. With
         ``advantage_std: global`` the standard deviation is that of the global batch, every
         data-parallel rank's rewards (one small all-gather; every rank must call this).
+
+        ``applicable`` (``[N, K]`` bool, all True when None): a reward's group means and
+        standard deviation use the samples it applies to only, and the others get ``r = 0.5``
+        for it (advantage 0). ``R @ w`` renormalises ``w`` per sample over the rewards that
+        apply to it, ``sum_k w_k a_ik R_ik / sum_k w_k a_ik``; a sample none of whose weighted
+        rewards applies is outside the combined estimator (``r = 0.5``). Applicability is a
+        property of the prompt, so a group's samples share their weights and the group-centred
+        combination compares like with like.
         """
         hp = self.hparams
-        clean = torch.where(bad, torch.zeros_like(rewards), rewards)
+        app = torch.ones_like(bad) if applicable is None else applicable.to(bad.device)
+        valid = app & ~bad
+        clean = torch.where(valid, rewards, torch.zeros_like(rewards))
+        if bad.any():
+            clean = self._fill_group_mean(clean, bad, group_ids, valid)
+        mask = app
         if combine is not None:
             w = torch.as_tensor(combine, dtype=clean.dtype, device=clean.device)
-            mask = bad[:, w > 0].any(1, keepdim=True)
-            clean = self._fill_group_mean(clean, bad, group_ids) if bad.any() else clean
-            clean, bad = (clean @ w).unsqueeze(1), mask
-        elif bad.any():
-            clean = self._fill_group_mean(clean, bad, group_ids)
-        sigma = self._global_std(clean) if hp.advantage_std == "global" else None
+            bad = bad[:, w > 0].any(1, keepdim=True)
+            mask = self.mixed_applicability(app, combine)
+            if app.all():
+                clean = (clean @ w).unsqueeze(1)
+            else:  # renormalise w per sample over the rewards that apply to it
+                wm = app.to(clean.dtype) * w
+                total = wm.sum(1, keepdim=True)
+                clean = (clean * wm).sum(1, keepdim=True) / torch.where(mask, total, 1.0)
+        keep = None if mask.all() else mask  # the unmasked path when every reward applies
+        sigma = self._global_std(clean, keep) if hp.advantage_std == "global" else None
         adv = group_advantages(
-            clean, group_ids, eps=hp.advantage_eps, std=hp.advantage_std, global_std=sigma
+            clean,
+            group_ids,
+            eps=hp.advantage_eps,
+            std=hp.advantage_std,
+            global_std=sigma,
+            mask=keep,
         )
         r = optimality(adv, hp.a_max)
-        return torch.where(bad, torch.full_like(r, 0.5), r)
+        return torch.where(bad | ~mask, torch.full_like(r, 0.5), r)
 
     @staticmethod
-    def _fill_group_mean(values: Tensor, bad: Tensor, group_ids: Tensor) -> Tensor:
+    def _fill_group_mean(
+        values: Tensor, bad: Tensor, group_ids: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
+        """Each dropped score takes the mean of its group's valid scores of that reward."""
+        valid = ~bad if valid is None else valid
         out = values.clone()
         for g in group_ids.unique():
             rows = group_ids == g
             for k in range(values.shape[1]):
-                ok = rows & ~bad[:, k]
+                ok = rows & valid[:, k]
                 fill = values[ok, k].mean() if ok.any() else values.new_zeros(())
                 out[rows & bad[:, k], k] = fill
         return out
@@ -717,24 +857,44 @@ class MarbleModule(LightningModule):
         return {}
 
     def _coefficients(
-        self, m: Tensor | None, losses: Tensor, guard: bool = True
+        self,
+        m: Tensor | None,
+        losses: Tensor,
+        guard: bool = True,
+        present: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, BalanceResult | None]:
         """``(lambda*, lambda_bar, result)``; the baselines have one column and weight 1.
 
         ``guard=False`` folds ``lambda*`` into the EMA without the EMA guard's check (the
         lagged balance, whose coefficients were applied before this Gram was known).
+        ``present`` (``[K]`` bool): the rewards with a valid sample in the global batch; the
+        others, and those whose gradient is zero or not finite, leave the QP with weight 0
+        (:meth:`~marble_pl.balancers.Balancer.balance`).
         """
         if not self.balancer.needs_gram or m is None:
             return np.ones(1), np.ones(1), None
-        result = self.balancer(m, losses.detach().double().cpu().numpy())
-        if result.status in ("zero_gram", "nonfinite_gram"):
-            # Nothing to balance: the step is skipped after the backward (non-finite or zero
-            # gradient), so keep the EMA untouched and report the balancer's uniform weights.
+        result = self.balancer.balance(m, losses.detach().double().cpu().numpy(), present)
+        if result.active is not None and not result.active.any():
+            # Nothing to balance (no reward with a sample and a usable gradient): zero weights,
+            # the update is skipped (`trains_any_reward`, or its non-finite gradient), the EMA
+            # is left untouched.
             return result.weights, result.weights, result
         if result.fallback:
             self.counters["qp_fallbacks"] += 1
         raw = self._broadcast(result.weights)
-        return raw, self._smooth(raw, m if guard else None), result
+        return raw, self._smooth(raw, m if guard else None, result.active), result
+
+    @staticmethod
+    def trains_any_reward(weights: np.ndarray, present: np.ndarray) -> bool:
+        """Whether the update trains some reward: one with a nonzero coefficient has samples."""
+        w = np.asarray(weights, dtype=np.float64)
+        return bool(np.any((w != 0) & np.asarray(present, dtype=bool)))
+
+    @staticmethod
+    def _active(present: np.ndarray, result: BalanceResult | None) -> np.ndarray:
+        """``[K]`` bool: the rewards with samples and (when balanced) a usable gradient."""
+        active = None if result is None else result.active
+        return present & active if active is not None and active.shape == present.shape else present
 
     def coefficients_for(self, m: Tensor, losses: Tensor | None = None) -> np.ndarray:
         """The configured balancer's ``lambda*`` for another Gram ``m``, leaving its state alone.
@@ -745,19 +905,21 @@ class MarbleModule(LightningModule):
         fresh = resolve_balancer(self.balancer.spec())
         fresh.bind(self.reward_names)
         host = None if losses is None else losses.detach().double().cpu().numpy()
-        return fresh(m.detach().double().cpu().numpy(), host).weights
+        return fresh.balance(m.detach().double().cpu().numpy(), host).weights
 
     def _grad_norm(self) -> float:
         """Norm of the gradient about to be applied (identical on every rank after the sync)."""
         norms = [p.grad.detach().double().norm() for p in self.lora_params if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else 0.0
 
-    def _skip_reason(self, norm: float) -> str | None:
+    def _skip_reason(self, norm: float, trains: bool = True) -> str | None:
         """``None`` to step, else why this update is skipped (counted in ``updates/skipped_*``).
 
         A non-finite gradient (NaN/inf loss) skips the step; ``max_nonfinite_steps`` of them in a
         row stop the run with an error, rather than silently training on nothing. An all-zero
-        gradient (every reward constant within its groups, say) skips the step too.
+        gradient (every reward constant within its groups, say) skips the step too, and so does
+        one that trains no reward (``trains`` False: no reward with a coefficient has a sample,
+        or none has a usable gradient; the KL term alone is not applied).
         """
         if is_overflow(norm, grad_scaler(self._trainer)):  # fp16: the scaler backs off
             self.counters["skipped_overflow"] = self.counters.get("skipped_overflow", 0) + 1
@@ -777,6 +939,9 @@ class MarbleModule(LightningModule):
         if norm == 0.0:
             self.counters["skipped_zero_grad"] += 1
             return "zero"
+        if not trains:
+            self.counters["skipped_no_reward"] += 1
+            return "no_reward"
         return None
 
     def _coefficient_ema(self) -> Any:
@@ -787,10 +952,14 @@ class MarbleModule(LightningModule):
             return None
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, CoefficientEMA)), None)
 
-    def _smooth(self, weights: np.ndarray, m: Tensor | None) -> np.ndarray:
+    def _smooth(
+        self, weights: np.ndarray, m: Tensor | None, active: np.ndarray | None = None
+    ) -> np.ndarray:
         """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
         ema = self._coefficient_ema()
-        return weights if ema is None else ema.update(weights, m)
+        if ema is None:
+            return weights
+        return ema.update(weights, m) if active is None else ema.update(weights, m, active)
 
     def _gradient_monitors(self) -> list[Any]:
         """Callbacks that want to see each step's gradients (``on_marble_gradients``)."""
@@ -830,17 +999,20 @@ class MarbleModule(LightningModule):
         t1 = time.perf_counter()
 
         # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
-        rewards = self.score(out.images, prompts, batch.get("metadata"))
-        bad = self._check_finite(rewards)
-        r_each = self.optimality_probabilities(rewards, group_ids, bad).to(x0.dtype)  # [N, K]
-        mix = self.balancer.mix()  # None: per reward; w: ONE estimator on R @ w (the baselines)
-        r = r_each
-        if mix is not None:
-            r = self.optimality_probabilities(rewards, group_ids, bad, mix).to(x0.dtype)
+        metadata = batch.get("metadata")
+        rewards = self.score(out.images, prompts, metadata)
+        applicable = self.applicability(prompts, metadata)  # [N, K]: where each reward applies
+        bad = self._check_finite(rewards, applicable)
+        r_each, r, mask = self.estimators(rewards, group_ids, bad, applicable)  # r: what trains
+        r_each, r = r_each.to(x0.dtype), r.to(x0.dtype)
         t2 = time.perf_counter()
 
         # 4. Training pairs: T timesteps per image, fresh noise each, x_t on the forward process.
+        #    Each reward's loss is averaged over the pairs it applies to (global count): w [N, J].
         pairs = self.training_pairs(x0)
+        each = self.loss_mask(applicable, pairs.count)  # per reward
+        train = each if mask is applicable else self.loss_mask(mask, pairs.count)  # r's columns
+        w, present = train.weights, train.present
         cond = (embeds, pooled)
         monitors = self._gradient_monitors()
         opt = self.optimizers()
@@ -851,24 +1023,29 @@ class MarbleModule(LightningModule):
         reuse = self._reuse_mode(pairs)  # earlier lambda_bar: "lagged" (Gram after) or "between"
         lagged = reuse == "lagged"
         if reuse is None and hp.gradient_space != "output":  # exact: K backwards (two: gramian)
-            grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r)
+            grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r, w)
             m = gram(grads)
         elif reuse is None:
             need_stats = self.balancer.needs_gram or bool(monitors)
-            stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats)
-            m = self._output_gram(stats, r)
-        coefficients = self._previous_coefficients() if reuse else self._coefficients(m, losses)
+            stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats, w)
+            m = self._output_gram(stats, r, w)
+        if reuse:
+            coefficients = self._previous_coefficients(present)
+        else:
+            coefficients = self._coefficients(m, losses, present=present)
         raw, weights, result = coefficients
         lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
-        r_bar = r @ lam  # the update's r: sum_k lambda_bar_k r_k (affine loss)
+        r_bar, c = affine_combination(r, w, lam)  # the update's r and per-image weight
         if grads is not None:
             direction = update_direction(grads, lam.to(grads.dtype))
 
         def notify(stats: Tensor | None) -> None:  # gradient monitors see the balanced step
             ctx = GradientContext(
-                self, rewards, group_ids, bad, r_each, r_bar, stats, grads, direction,
-                grads_fn=lambda cols: self.loss_grads(pairs, cond, cols), weights_raw=raw,
-                losses=losses,
+                self, rewards, group_ids, bad, r_each, r_bar, stats, grads,
+                direction, grads_fn=lambda cols, wts=None: self.loss_grads(pairs, cond, cols, wts),
+                weights_raw=raw, losses=losses, applicable=applicable, loss_weights=each.weights,
+                c_applied=c, active=self._active(each.present, result),
+                weights_fn=lambda mk: self.loss_mask(mk, pairs.count).weights,
             )  # fmt: skip
             for cb in monitors:
                 cb.on_marble_gradients(self.trainer, self, ctx)
@@ -882,21 +1059,27 @@ class MarbleModule(LightningModule):
             loss = losses.detach() @ lam.to(losses.dtype)
         else:
             loss, kl, seen = self.accumulate_update(
-                pairs, cond, r_bar, kept, stats_of=r if lagged else None
+                pairs, cond, r_bar, kept, stats_of=r if lagged else None, weights=(c, w)
             )
         if lagged:  # this batch's Gram, seen by the update's own forwards, for the next step
             stats, losses = seen
-            m = self._output_gram(stats, r)
-            raw, _, result = self._coefficients(m, losses, guard=False)
+            m = self._output_gram(stats, r, w)
+            raw, _, result = self._coefficients(m, losses, guard=False, present=present)
             if monitors:
                 notify(stats)
-        if self.optimizer_step_or_skip(opt):  # 9. v_old <- EMA(v_theta) on the LoRA weights.
+        trains = self.trains_any_reward(weights, present)
+        if self.optimizer_step_or_skip(opt, trains):  # 9. v_old <- EMA(v_theta) on LoRA weights.
             self.update_adapter_averages()
         t3 = time.perf_counter()
 
-        self.last_step = StepRecord(rewards, r_each, r, m, raw, weights, grads, direction, result)
+        self.last_step = StepRecord(
+            rewards, r_each, r, m, raw, weights, grads, direction, result, applicable, w
+        )
         self.last_timing = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2}
-        self._log_step(rewards, bad, loss, kl, raw, weights, result, (t1 - t0, t2 - t1, t3 - t2), n)
+        unused = bad | ~applicable  # scores that are no reward's signal: not in the means
+        times = (t1 - t0, t2 - t1, t3 - t2)
+        self._log_step(rewards, unused, loss, kl, raw, weights, result, times, n)
+        self._log_applicability(rewards, unused, each.counts, metadata, n)
         return loss.detach()
 
     # ------------------------------------------------------------------ stages of a step
@@ -963,13 +1146,20 @@ class MarbleModule(LightningModule):
         return self.hparams.kl_beta * (v_theta - v_ref).square().flatten(1).mean(1).sum()
 
     def output_space_stats(
-        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor, need_stats: bool
+        self,
+        pairs: TrainingPairs,
+        cond: tuple[Tensor, Tensor],
+        r: Tensor,
+        need_stats: bool,
+        w: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, list[Forward] | None]:
-        """Output-space statistics per image (summed over its timesteps) and the mean losses.
+        """Output-space statistics per image (summed over its timesteps) and the losses.
 
         One micro-batch: its forward WITH grad gives them, and is kept for the update (no extra
         cost). More: a no-grad forward of every micro-batch first (the balance needs the whole
-        batch), whose ``v_old`` is kept. Returns ``(stats [N, 3], losses [K], kept forwards)``.
+        batch), whose ``v_old`` is kept. Returns ``(stats [N, 3], losses [K], kept forwards)``;
+        ``losses`` are ``L_k = sum_p w_pk l_p(r_pk)`` over every rank (``w`` per image, the
+        plain mean when None).
         """
         chunks = pairs.chunks(self.hparams.micro_batch_size)
         if not need_stats:
@@ -984,9 +1174,13 @@ class MarbleModule(LightningModule):
                 with torch.no_grad():
                     v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
                 kept.append((None, v_old))
-            seen = self._fold_stats(seen, pairs, mb, r, (v_theta, v_old, v_target), kw)
+            seen = self._fold_stats(seen, pairs, mb, r, (v_theta, v_old, v_target), kw, w)
         stats, loss_sum = seen
-        return stats, (loss_sum / len(pairs)).to(r.dtype), kept
+        return stats, self._reduce_losses(loss_sum, len(pairs), w).to(r.dtype), kept
+
+    def _reduce_losses(self, loss_sum: Tensor, total: int, w: Tensor | None) -> Tensor:
+        """The batch's losses from this rank's sums: weighted sums add up over the ranks."""
+        return loss_sum / total if w is None else self._all_reduce_sum(loss_sum)
 
     def accumulate_update(
         self,
@@ -995,16 +1189,22 @@ class MarbleModule(LightningModule):
         r_bar: Tensor,
         kept: list[Forward] | None,
         stats_of: Tensor | None = None,
+        weights: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        """Backward of ``mean NFT loss(r_bar) + KL`` over all micro-batches: gradients add up.
+        """Backward of ``sum_p c_p l_p(r_bar_p) + KL`` over all micro-batches: gradients add up.
 
-        ONE backward per micro-batch gives ``sum_k lambda_bar_k g_k`` (the loss is affine in r).
-        Returns the mean loss, the KL term (None when ``kl_beta == 0``) and, for ``stats_of``
-        (``r [N, K]``, the lagged balance), the output-space statistics and mean losses the same
-        forwards give at no extra cost.
+        ONE backward per micro-batch gives ``sum_k lambda_bar_k g_k`` (the loss is affine in r,
+        :func:`~marble_pl.gradients.affine_combination` gives ``r_bar`` and ``c``). ``weights``
+        is ``(c [N], w [N, K])`` per image (None: ``c`` the plain mean, ``w`` too); ``c`` holds
+        the global denominators, so each rank's objective is scaled by the world size against
+        DDP's averaging. Returns the loss, the KL term (None when ``kl_beta == 0``) and, for
+        ``stats_of`` (``r [N, K]``, the lagged balance; ``w`` its loss weights), the
+        output-space statistics and losses the same forwards give at no extra cost.
         """
         hp = self.hparams
         total = float(len(pairs))
+        c, w = (None, None) if weights is None else weights
+        world = self.trainer.world_size if self._trainer is not None else 1
         loss_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         chunks = pairs.chunks(hp.micro_batch_size)
@@ -1016,10 +1216,14 @@ class MarbleModule(LightningModule):
             else:
                 v_target, kw = pairs.v_target[mb], self._loss_kwargs(pairs.t[mb])
             if stats_of is not None:
-                seen = self._fold_stats(seen, pairs, mb, stats_of, (v_theta, v_old, v_target), kw)
-            part = nft_loss(v_theta, v_old, v_target, r_bar[pairs.image[mb]], hp.beta, **kw).sum()
-            objective = part / total
-            loss_sum += part.detach().double()
+                v = (v_theta, v_old, v_target)
+                seen = self._fold_stats(seen, pairs, mb, stats_of, v, kw, w)
+            per = nft_loss(v_theta, v_old, v_target, r_bar[pairs.image[mb]], hp.beta, **kw)
+            if c is None:
+                objective = per.sum() / total
+            else:
+                objective = (per * c[pairs.image[mb]].to(per.dtype)).sum() * world
+            loss_sum += objective.detach().double()
             if hp.kl_beta > 0:
                 kl = self._kl(pairs, mb, cond, v_theta) / total
                 objective = objective + kl
@@ -1028,8 +1232,8 @@ class MarbleModule(LightningModule):
                 self.manual_backward(objective)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
         if seen is not None:
-            seen = (seen[0], (seen[1] / total).to(stats_of.dtype))
-        return (loss_sum / total).float(), kl_out, seen
+            seen = (seen[0], self._reduce_losses(seen[1], len(pairs), w).to(stats_of.dtype))
+        return loss_sum.float(), kl_out, seen
 
     def _fold_stats(
         self,
@@ -1039,8 +1243,10 @@ class MarbleModule(LightningModule):
         r: Tensor,
         v: tuple[Tensor, Tensor, Tensor],
         kw: dict[str, Any],
+        w: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Add one micro-batch's per-image output statistics and per-reward loss sums."""
+        """Add one micro-batch's per-image output statistics and per-reward loss sums
+        (weighted by ``w [N, K]`` per image when given)."""
         hp = self.hparams
         if seen is None:
             seen = (
@@ -1054,14 +1260,18 @@ class MarbleModule(LightningModule):
                 0, pairs.image[mb], nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
             )
             rows = r[pairs.image[mb]]
-            loss_sum += nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw).double().sum(0)
+            losses = nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw)
+            if w is not None:
+                losses = losses * w[pairs.image[mb]].to(losses.dtype)
+            loss_sum += losses.double().sum(0)
         return stats, loss_sum
 
-    def _output_gram(self, stats: Tensor | None, r: Tensor) -> Tensor | None:
-        """The global output-space Gram of the batch (MARBLE only; all ranks' samples)."""
+    def _output_gram(self, stats: Tensor | None, r: Tensor, w: Tensor) -> Tensor | None:
+        """The global output-space Gram of the batch's losses ``L_k = sum_i w_ik l_i(r_ik)``
+        (MARBLE only; all ranks' samples)."""
         if not self.balancer.needs_gram or stats is None:
             return None
-        return self._all_reduce_sum(output_gram(stats, r))
+        return self._all_reduce_sum(output_gram(stats, r, weights=w))
 
     def _reuse_mode(self, pairs: TrainingPairs) -> Literal["lagged", "between"] | None:
         """Whether this step applies earlier batches' coefficients instead of balancing first.
@@ -1090,12 +1300,22 @@ class MarbleModule(LightningModule):
         value = ema.value if ema is not None else None
         return value if value is not None else self.balancer.warm_start
 
-    def _previous_coefficients(self) -> tuple[np.ndarray, np.ndarray, None]:
-        """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step)."""
-        previous = np.asarray(self._previous_weights(), dtype=np.float64)
-        return previous, previous, None
+    def _previous_coefficients(
+        self, present: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, None]:
+        """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step).
 
-    def optimizer_step_or_skip(self, opt: Any) -> bool:
+        Restricted to the rewards ``present`` in this batch and renormalised (all zero when
+        none of them has weight: the update is skipped).
+        """
+        previous = np.asarray(self._previous_weights(), dtype=np.float64)
+        if present is None or previous.shape != np.shape(present) or np.all(present):
+            return previous, previous, None
+        kept = np.where(present, previous, 0.0)
+        total = float(kept.sum())
+        return previous, kept / total if total > 0 else kept, None
+
+    def optimizer_step_or_skip(self, opt: Any, trains: bool = True) -> bool:
         """Clip and step on the accumulated gradient; False when the update was skipped.
 
         A NaN/inf or all-zero gradient skips the update (:meth:`_skip_reason`): parameters
@@ -1103,7 +1323,7 @@ class MarbleModule(LightningModule):
         still counts, so ``max_steps``, schedules and seeds stay aligned.
         """
         clip = self.hparams.gradient_clip_norm
-        skip = self._skip_reason(self._grad_norm())
+        skip = self._skip_reason(self._grad_norm(), trains)
         scaler = grad_scaler(self._trainer)  # fp16: the gradients are still scaled here
         if skip is None and clip is not None:
             clip = scaled_clip(clip, scaler)
@@ -1136,24 +1356,27 @@ class MarbleModule(LightningModule):
         return model.no_sync()
 
     def parameter_space_grads(
-        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor
+        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor, w: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Exact per-reward gradients ``[K, P]`` of the batch's mean loss, the KL gradient
-        ``[P]``, the mean losses ``[K]`` and the KL value; K (+1) backwards per micro-batch."""
+        """Exact per-reward gradients ``[K, P]`` of the batch's losses ``L_k = sum_p w_pk
+        l_p(r_pk)`` (``w [N, K]`` per image: each reward averaged over the pairs it applies to,
+        global counts), the KL gradient ``[P]``, the losses ``[K]`` and the KL value; K (+1)
+        backwards per micro-batch (two (+1) in ``gramian`` space). Summed over the ranks."""
         hp = self.hparams
         total = float(len(pairs))
         grads = kl_grad = None
         loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=r.device)
         taps = self._gradient_taps()
+        uniform = bool((w == w.flatten()[0]).all())  # one weight for all: a plain second backward
         for mb in pairs.chunks(hp.micro_batch_size):
             with taps or contextlib.nullcontext():
                 v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-            rows = r[pairs.image[mb]]
+            rows, wts = r[pairs.image[mb]], w[pairs.image[mb]].to(r.dtype)
             kl = self._kl(pairs, mb, cond, v_theta) / total if hp.kl_beta > 0 else None
             if taps is None:  # parameters: K (+1) backwards, one per objective
                 losses = nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw)
-                objectives = list(losses.sum(0) / total) + ([kl] if kl is not None else [])
+                objectives = list((losses * wts).sum(0)) + ([kl] if kl is not None else [])
                 g = parameter_grads(torch.stack(objectives), self.lora_params)
                 g, g_kl = g[: r.shape[1]], (g[-1] if kl is not None else None)
             else:  # gramian: l = r a + b per pair, two (+1) backwards whatever K is
@@ -1162,16 +1385,20 @@ class MarbleModule(LightningModule):
                 )
                 a, b = affine_split(e_pos, e_neg, kw.get("scale", 1.0))
                 losses = rows * a.detach().unsqueeze(1) + b.detach().unsqueeze(1)
-                g, g_kl = affine_reward_grads(taps, a / total, b / total, rows, kl)
+                if uniform:
+                    w0 = w.flatten()[0].to(a.dtype)
+                    g, g_kl = affine_reward_grads(taps, a * w0, b * w0, rows, kl)
+                else:
+                    g, g_kl = affine_reward_grads(taps, a, b, rows, kl, weights=wts)
             grads = g if grads is None else grads + g
             if kl is not None:
                 kl_grad = g_kl if kl_grad is None else kl_grad + g_kl
                 kl_sum += kl.detach().double()
-            loss_sum += losses.detach().double().sum(0)
-        grads = self._all_reduce_mean(grads)
+            loss_sum += (losses.detach() * wts).double().sum(0)
+        grads = self._all_reduce_sum(grads)
         kl_grad = torch.zeros_like(grads[0]) if kl_grad is None else self._all_reduce_mean(kl_grad)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
-        return grads, kl_grad, (loss_sum / total).to(r.dtype), kl_out
+        return grads, kl_grad, self._all_reduce_sum(loss_sum).to(r.dtype), kl_out
 
     def _gradient_taps(self) -> LinearGradientTaps | None:
         """The LoRA layers' per-sample gradient taps in ``gramian`` space (None otherwise)."""
@@ -1187,17 +1414,26 @@ class MarbleModule(LightningModule):
         return {key: value for key, value in kw.items() if key != "scale"}
 
     def loss_grads(
-        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r_cols: Tensor
+        self,
+        pairs: TrainingPairs,
+        cond: tuple[Tensor, Tensor],
+        r_cols: Tensor,
+        w_cols: Tensor | None = None,
     ) -> Tensor:
-        """``[J, P]`` parameter gradients of the batch's mean NFT loss, one per column of
-        ``r_cols [N, J]`` (this rank's part; re-runs each micro-batch's forward)."""
+        """``[J, P]`` parameter gradients of the batch's NFT loss, one per column of ``r_cols
+        [N, J]``: the mean over the batch, or ``sum_p w_pj l_p`` with the per-image weights
+        ``w_cols [N, J]`` (this rank's part; re-runs each micro-batch's forward)."""
         hp = self.hparams
         total = float(len(pairs))
         out = None
         for mb in pairs.chunks(hp.micro_batch_size):
             v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
             cols = r_cols[pairs.image[mb]].to(v_theta.dtype)
-            losses = nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw).sum(0) / total
+            losses = nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw)
+            if w_cols is None:
+                losses = losses.sum(0) / total
+            else:
+                losses = (losses * w_cols[pairs.image[mb]].to(losses.dtype)).sum(0)
             g = parameter_grads(losses, self.lora_params)
             out = g if out is None else out + g
         return out
@@ -1238,8 +1474,9 @@ class MarbleModule(LightningModule):
         for k, name in enumerate(self.reward_names):
             ok = ~bad[:, k]
             vals = rewards[ok, k]
-            mean = float(vals.mean()) if vals.numel() else math.nan
-            self.log(f"reward/{name}/mean", mean, prog_bar=True, batch_size=n)
+            if not vals.numel():  # no score of this reward in the batch (not applicable)
+                continue
+            self.log(f"reward/{name}/mean", float(vals.mean()), prog_bar=True, batch_size=n)
             log[f"reward/{name}/std"] = float(vals.std()) if vals.numel() > 1 else 0.0
         if not details:  # nothing below would reach the logger this step: skip its cost
             return
@@ -1259,6 +1496,7 @@ class MarbleModule(LightningModule):
         log["rewards/nonfinite"] = float(self.counters["nonfinite_rewards"])
         log["updates/skipped_nonfinite"] = float(self.counters["skipped_nonfinite"])
         log["updates/skipped_zero_grad"] = float(self.counters["skipped_zero_grad"])
+        log["updates/skipped_no_reward"] = float(self.counters["skipped_no_reward"])
         rollout_s, reward_s, update_s = times
         log.update(
             {
@@ -1268,6 +1506,33 @@ class MarbleModule(LightningModule):
                 "throughput/images_per_s": n / max(rollout_s + reward_s + update_s, 1e-9),
             }
         )
+        self.log_dict(log, batch_size=n)
+
+    def _log_applicability(
+        self,
+        rewards: Tensor,
+        unused: Tensor,
+        counts: Tensor,
+        metadata: Metadata | None,
+        n: int,
+    ) -> None:
+        """``rewards/<name>/applicable``: the global batch's samples each reward applies to;
+        ``reward_by_source/<name>/<source>``: this rank's mean score per prompt source (metadata
+        ``source``, when the batch has it), over the samples the reward scored."""
+        if not self._logger_writes_this_step():
+            return
+        log = {
+            f"rewards/{name}/applicable": float(count)
+            for name, count in zip(self.reward_names, counts.tolist(), strict=True)
+        }
+        sources = [str((m or {}).get("source", "")) for m in (metadata or [])]
+        for source in sorted(set(sources) - {""}):
+            rows = torch.tensor([s == source for s in sources], device=rewards.device)
+            tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", source)
+            for k, name in enumerate(self.reward_names):
+                vals = rewards[rows & ~unused[:, k], k]
+                if vals.numel():
+                    log[f"reward_by_source/{name}/{tag}"] = float(vals.mean())
         self.log_dict(log, batch_size=n)
 
     # ------------------------------------------------------------------ validation
@@ -1291,10 +1556,11 @@ class MarbleModule(LightningModule):
             config=self.eval_rollout_config,
         )
         rewards = self.score(out.images, prompts, batch.get("metadata"))
+        applicable = self.applicability(prompts, batch.get("metadata"))
         for k, name in enumerate(self.reward_names):
             metric = self.val_rewards[_metric_key(name)]
             values = rewards[:, k]
-            metric.update(values[values.isfinite()])
+            metric.update(values[values.isfinite() & applicable[:, k]])
             self.log(f"val/reward/{name}", metric, on_step=False, on_epoch=True)
 
     def validation_generators(self, indices: Tensor) -> list[torch.Generator]:
@@ -1385,17 +1651,18 @@ class MarbleModule(LightningModule):
                 if key != "params" and key not in owned_by_scheduler:
                     group[key] = value
 
-    def _global_std(self, rewards: Tensor) -> Tensor:
+    def _global_std(self, rewards: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[K]``: population std of ``rewards`` over every data-parallel rank's batch.
 
         Each rank's ``(count, mean, M2)`` per reward are all-gathered and pooled exactly
         (:func:`~marble_pl.advantages.pooled_std`); the per-prompt means stay per rank, as groups
-        never span ranks. On one process it is the std of this batch.
+        never span ranks. On one process it is the std of this batch. ``mask``: each reward's
+        values where it applies only (0 for a reward that applies nowhere).
         """
-        moments = batch_moments(rewards)  # [3, K] float64
+        moments = batch_moments(rewards, mask)  # [3, K] float64
         if self._trainer is not None and self.trainer.world_size > 1:
             moments = self.trainer.strategy.all_gather(moments)  # [W, 3, K]
-        return pooled_std(moments)
+        return pooled_std(moments, allow_empty=True)
 
     def sampling_decay(self, step: int | None = None) -> float:
         """The decay of ``v_old <- decay * v_old + (1 - decay) * v_theta`` at ``step``.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from marble_pl.errors import ConfigError
+from marble_pl.ranges import check_beta
 
 __all__ = [
     "nft_errors",
@@ -33,14 +33,6 @@ __all__ = [
 ]
 
 _MIN_WEIGHT = 1e-5
-
-
-def check_beta(beta: float) -> None:
-    """Raise a clear error unless ``0 < beta <= 1`` (DiffusionNFT's guidance strength)."""
-    if not 0 < beta <= 1:
-        raise ConfigError(
-            f"model.beta must be in (0, 1] (DiffusionNFT uses 0.1 .. 1.0), got {beta}"
-        )
 
 
 def _dims(x: Tensor) -> tuple[int, ...]:
@@ -206,12 +198,22 @@ def nft_output_stats(
     return torch.stack([(a * a).sum(1), (a * w).sum(1), (w * w).sum(1)], dim=1)
 
 
-def output_gram(stats: Tensor, r: Tensor, r_other: Tensor | None = None) -> Tensor:
+def output_gram(
+    stats: Tensor,
+    r: Tensor,
+    r_other: Tensor | None = None,
+    *,
+    weights: Tensor | None = None,
+    weights_other: Tensor | None = None,
+) -> Tensor:
     """Output-space Gram ``M[j, k] = sum_i <dl_i(r_ij)/dz_i, dl_i(r_ik)/dz_i>``.
 
     ``stats`` from :func:`nft_output_stats`, ``r`` is ``[N, K]``; with ``r_other`` ``[N, J]`` the
     cross-Gram ``[K, J]`` is returned instead (for cosines against an update direction). Sums over
-    samples, so it adds up across data-parallel ranks.
+    samples, so it adds up across data-parallel ranks. ``weights`` (``[N, K]``, and
+    ``weights_other`` ``[N, J]`` for ``r_other``; ones when None) weigh each sample's loss per
+    column, ``L_k = sum_i w_ik l_i(r_ik)``: a reward's loss averaged over the samples it applies
+    to has ``w_ik = 1 / n_k`` there and 0 elsewhere.
     """
     r = _check_r(r, stats.shape[0]).to(stats.dtype)
     s = r if r_other is None else _check_r(r_other, stats.shape[0]).to(stats.dtype)
@@ -220,9 +222,31 @@ def output_gram(stats: Tensor, r: Tensor, r_other: Tensor | None = None) -> Tens
     if s.ndim == 1:
         s = s.unsqueeze(1)
     aa, aw, ww = stats[:, 0], stats[:, 1], stats[:, 2]
+    if weights is None and weights_other is None:
+        return (
+            r.t() @ (aa.unsqueeze(1) * s)
+            - (r * aw.unsqueeze(1)).sum(0).unsqueeze(1)
+            - (s * aw.unsqueeze(1)).sum(0).unsqueeze(0)
+            + ww.sum()
+        )
+    # dL_k/dz_i = w_ik (r_ik a_i - w_i): bilinear in (w r, w) per sample
+    wr = _column_weights(weights, r)
+    ws = wr if r_other is None else _column_weights(weights_other, s)
+    pr, ps = wr * r, ws * s
     return (
-        r.t() @ (aa.unsqueeze(1) * s)
-        - (r * aw.unsqueeze(1)).sum(0).unsqueeze(1)
-        - (s * aw.unsqueeze(1)).sum(0).unsqueeze(0)
-        + ww.sum()
+        pr.t() @ (aa.unsqueeze(1) * ps)
+        - pr.t() @ (aw.unsqueeze(1) * ws)
+        - wr.t() @ (aw.unsqueeze(1) * ps)
+        + wr.t() @ (ww.unsqueeze(1) * ws)
     )
+
+
+def _column_weights(weights: Tensor | None, like: Tensor) -> Tensor:
+    """Per-sample, per-column loss weights shaped like ``like`` ``[N, J]`` (ones when None)."""
+    if weights is None:
+        return torch.ones_like(like)
+    w = weights.detach().to(like.dtype)
+    w = w.unsqueeze(1) if w.ndim == 1 else w
+    if w.shape != like.shape:
+        raise ValueError(f"weights must be shaped like r {tuple(like.shape)}, got {tuple(w.shape)}")
+    return w

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from masked_rewards import spec as masked_spec
 from test_reward_models import build_reward_weights, specs
 
 from marble_pl.models import tiny_sd3_is_complete
@@ -144,6 +145,53 @@ def test_global_advantage_std_spans_the_ranks(tmp_path, tiny_sd3_path, balancer)
     torch.testing.assert_close(
         torch.tensor(r0["applied"]), torch.tensor(ref["applied"]), atol=1e-4, rtol=1e-4
     )
+    for key, value in ref["lora"].items():
+        torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
+
+
+# Each applies to some of PROMPTS only (NaN elsewhere); "white" sits on one rank in each step
+# (per step, rank 0 and rank 1 get two prompts each), so the other rank has no sample of "c".
+MASKED_REWARDS = [
+    masked_spec("a", ["red", "blue"], "brightness"),
+    masked_spec("b", ["green", "white", "red"], "red"),
+    masked_spec("c", ["white"], "contrast"),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "space", ["output", "gramian"], ids=["output-micro-batches", "gramian-micro-batches"]
+)
+def test_ddp_with_rewards_that_apply_to_some_samples_equals_one_process(
+    tmp_path, tiny_sd3_path, space
+):
+    """Masked advantages (group means and the GLOBAL std over each reward's applicable
+    samples), per-reward losses averaged over their valid pairs with the GLOBAL count (a rank
+    may hold none of a reward's samples), balance and update: 2 processes equal 1.
+
+    Tolerances as the unmasked DDP test: float32 sums over other orders (per rank, then the
+    all-reduce) move the last bits of r (~1e-7) and of the Gram (~1e-6 relative)."""
+    rewards_json = tmp_path / "rewards.json"
+    rewards_json.write_text(json.dumps(MASKED_REWARDS))
+    common = {"model": tiny_sd3_path, "space": space, "steps": 2, "advantage_std": "global"}
+    common.update(rewards_json=rewards_json, timesteps_per_image=2, micro_batch_size=4)
+    r0, r1, ref, _ = ddp_and_single(tmp_path, **common)
+    for step in range(2):
+        rows = torch.cat([r0["r"][step], r1["r"][step]])
+        torch.testing.assert_close(rows, ref["r"][step], atol=1e-5, rtol=1e-5)
+        scored = torch.cat([r0["rewards"][step], r1["rewards"][step]]).isfinite()
+        assert not scored.all(0).any() and scored.any(0).all()  # every reward: some, not all
+        assert torch.all(rows[~scored] == 0.5)
+        c_rows = [r["rewards"][step][:, 2].isfinite().any() for r in (r0, r1)]
+        assert sorted(map(bool, c_rows)) == [False, True]  # "c" on one rank only
+    assert r0["applied"] == r1["applied"]
+    torch.testing.assert_close(
+        torch.tensor(r0["applied"]), torch.tensor(ref["applied"]), atol=1e-4, rtol=1e-4
+    )
+    for g_ddp, g_ref in zip(r0["grams"], ref["grams"], strict=True):  # the GLOBAL Gram
+        torch.testing.assert_close(g_ddp, g_ref, rtol=1e-4, atol=1e-12)
     for key, value in ref["lora"].items():
         torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
