@@ -116,8 +116,9 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _main(args: list[str] | None = None) -> None:
-    """``marble fit|validate|...`` (LightningCLI), ``marble export ...`` (LoRA export) or
-    ``marble preflight ...`` (real architectures, random weights, timed steps)."""
+    """``marble fit|validate|...`` (LightningCLI), ``marble export ...`` (LoRA export),
+    ``marble preflight ...`` (real architectures, random weights, timed steps) or
+    ``marble evaluate ...`` (GenEval, OCR and PickScore benchmarks: :mod:`marble_pl.evaluate`)."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv and argv[0] == "export":
         from marble_pl.export import main as export_main
@@ -129,6 +130,12 @@ def _main(args: list[str] | None = None) -> None:
 
         install_notice_filters()
         raise SystemExit(preflight_main(list(argv[1:])))
+    if isinstance(argv, list | tuple) and argv and argv[0] == "evaluate":
+        from marble_pl.evaluate import main as evaluate_main
+        from marble_pl.notices import install_notice_filters
+
+        install_notice_filters()
+        raise SystemExit(evaluate_main(list(argv[1:])))
     if isinstance(argv, list | tuple):
         precheck([RANDOM_WEIGHTS_ARG if a == RANDOM_WEIGHTS_FLAG else a for a in argv])
     from marble_pl.lightning_cli import MarbleCLI
