@@ -209,7 +209,8 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     tmp_path, tiny_sd3_path, monkeypatch
 ):
     """configs/marble_sd35.yaml: the release config's rewards, data and recipe; one step on the
-    tiny model on the CPU with the shipped mixed set (GPU-only sizes swapped for tiny ones)."""
+    tiny model on the CPU with the shipped mixed set (GPU-only sizes swapped for tiny ones, the
+    CLIP-based rewards for built-ins, ocr and geneval for tiny random models)."""
     raw = yaml.safe_load(MARBLE_SD35.read_text())
     names = [spec["name"] for spec in raw["model"]["rewards"]]
     assert names == ["pickscore", "hpsv2", "clip_score", "ocr", "geneval"]
@@ -218,6 +219,13 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     assert (raw["trainer"]["num_nodes"], raw["trainer"]["devices"]) == (2, 8)
     assert raw["data"]["batch_size"] * 16 == 48 and raw["data"]["group_size"] == 24
     monkeypatch.chdir(tmp_path)
+    tiny = "build_tiny_if_missing: true, local_files_only: true"
+    specialists = (  # pickscore, hpsv2, clip_score -> built-ins; ocr, geneval -> tiny models
+        f"[brightness, saturation, compressibility, {{name: ocr, engine: trocr, {tiny}, "
+        f"pretrained_model_name_or_path: {tmp_path / 'trocr'}, max_new_tokens: 8}}, "
+        f"{{name: geneval, {tiny}, detector_size: null, "
+        f"detector_name_or_path: {tmp_path / 'm2f'}, clip_name_or_path: {tmp_path / 'clip'}}}]"
+    )
     cli = MarbleCLI(
         MarbleModule,
         PromptDataModule,
@@ -230,7 +238,7 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
             "--model.max_sequence_length=16", "--model.weights_dtype=float32",
             "--model.num_inference_steps=3", "--model.eval_num_inference_steps=2",
             "--model.micro_batch_size=null",
-            "--model.rewards=[brightness, saturation, compressibility]",
+            f"--model.rewards={specialists}",
             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
             "--trainer.strategy=auto", "--trainer.precision=32-true", "--trainer.max_steps=1",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
@@ -255,6 +263,8 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     assert cli.trainer.global_step == 1 and spy.first is not None
     sources = sorted(m["source"] for m in spy.first_metadata)
     assert sources == ["geneval"] * 2 + ["ocr"] * 2 + ["pickscore"] * 2  # one prompt per source
+    # Each specialist applies to its source's prompt only: 2 images of the 6.
+    assert spy.first.applicable.sum(dim=0).tolist() == [6, 6, 6, 2, 2]
     assert torch.isfinite(spy.first.grads).all()
     grids = list((tmp_path / "runs").rglob("samples/validation_step000001.png"))
     assert len(grids) == 1  # the grid took the mixed validation prompts (no prompt_file)
