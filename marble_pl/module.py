@@ -12,6 +12,7 @@ import contextlib
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -1565,6 +1566,17 @@ class MarbleModule(LightningModule):
 
     def validation_generators(self, indices: Tensor) -> list[torch.Generator]:
         """One CPU generator per validation prompt, seeded by ``(seed, prompt index)`` only.
+    def on_validation_epoch_end(self) -> None:
+        """``val/reward_mean``: the mean of the ``val/reward/<name>`` means (each reward on its
+        own scale; one with no scored prompt left out), for best-checkpoint selection
+        (``ModelCheckpoint(monitor="val/reward_mean", mode="max")``)."""
+        with warnings.catch_warnings():  # a reward that scored nothing: torchmetrics warns
+            warnings.simplefilter("ignore")
+            means = torch.stack([m.compute().float().cpu() for m in self.val_rewards.values()])
+        finite = means[means.isfinite()]
+        value = finite.mean() if finite.numel() else torch.tensor(float("nan"))
+        self.log("val/reward_mean", value, on_step=False, on_epoch=True, sync_dist=False)
+
 
         The same prompt gets the same noise at every validation, so ``val/reward`` moves only
         when the policy does.

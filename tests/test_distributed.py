@@ -242,7 +242,7 @@ def test_ddp_equals_one_process_with_every_shipped_reward_and_validation(tmp_pat
     assert torch.equal(rows[:, jpeg], ref["rewards"][0][:, jpeg])
     torch.testing.assert_close(rows, ref["rewards"][0], atol=1e-5, rtol=1e-5)
     # val/reward/<name>: the 5 prompts' mean, the same on both ranks and equal to one process's.
-    assert sorted(ref["val"]) == sorted(f"val/reward/{n}" for n in names)
+    assert sorted(ref["val"]) == sorted([*(f"val/reward/{n}" for n in names), "val/reward_mean"])
     assert r0["val"] == r1["val"]
     for key, value in ref["val"].items():
         assert r0["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_module import PROMPTS, make_module, randomise_lora_b
 from test_reward_models import build_reward_weights, specs
@@ -248,3 +248,72 @@ def test_random_weights_evaluates_the_base_model_without_weights(setup):
     assert result["settings"]["random_weights"] and result["settings"]["adapter"] is None
     ((mean, n),) = scores(result).values()
     assert n == 1 and 0.0 <= mean <= 1.0
+
+
+class ValidationRecord(Callback):
+    """``trainer.callback_metrics`` after each validation, with the step it ran at."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.records.append((trainer.global_step, metrics))
+
+
+def test_best_checkpoint_is_selected_by_the_mean_of_the_validation_rewards(tiny_sd3_path, tmp_path):
+    """``val/reward_mean`` is the mean of the ``val/reward/<name>`` means at every validation,
+    and ``ModelCheckpoint(monitor="val/reward_mean", mode="max")`` keeps the best of them."""
+    module = make_module(
+        tiny_sd3_path, num_inference_steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=20.0)
+    )
+    randomise_lora_b(module)
+    record = ValidationRecord()
+    best = ModelCheckpoint(
+        dirpath=tmp_path,
+        monitor="val/reward_mean",
+        mode="max",
+        save_top_k=1,
+        filename="best-{step}",
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record, best],
+        num_sanity_val_steps=0,
+    )
+    data = PromptDataModule(
+        str(PROMPTS), val_file=str(PROMPTS), batch_size=2, group_size=3, val_batch_size=3, seed=0
+    )
+    trainer.fit(module, data)
+    assert [step for step, _ in record.records] == [1, 2, 3]
+    eps = torch.finfo(torch.float32).eps
+    for _, metrics in record.records:
+        per_reward = [metrics[f"val/reward/{name}"] for name in module.reward_names]
+        bound = eps * sum(abs(v) for v in per_reward)  # float32 sum and division, vs float64
+        assert metrics["val/reward_mean"] == pytest.approx(sum(per_reward) / 3, abs=bound)
+    means = [metrics["val/reward_mean"] for _, metrics in record.records]
+    assert len(set(means)) == 3  # the policy moves: the selection has a choice to make
+    step = record.records[means.index(max(means))][0]
+    assert float(best.best_model_score) == pytest.approx(max(means), rel=eps)
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == [f"best-step={step}.ckpt"]
+
+
+def test_the_official_recipe_keeps_the_best_checkpoint_by_val_reward_mean():
+    config = yaml.safe_load(
+        (Path(__file__).parents[1] / "configs" / "marble_sd35.yaml").read_text()
+    )
+    monitored = [
+        c["init_args"]
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("ModelCheckpoint") and "monitor" in c.get("init_args", {})
+    ]
+    assert monitored == [
+        {"monitor": "val/reward_mean", "mode": "max", "save_top_k": 1, "filename": "best-{step}"}
+    ]
