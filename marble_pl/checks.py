@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from marble_pl.errors import CheckpointError, ConfigError, RunFolderError
 from marble_pl.models import TORCH_DTYPES
+from marble_pl.ranges import check_guidance, check_ranges
 from marble_pl.schedules import DecaySchedule, decay_schedule
 
 __all__ = [
@@ -71,64 +72,6 @@ def check_choices(
             raise ConfigError(f"model.{setting} must be one of {list(allowed)}, got {value!r}")
 
 
-def check_ranges(
-    *,
-    a_max: float,
-    t_min: float,
-    t_max: float,
-    max_nonfinite_steps: int,
-    kl_beta: float,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_target_modules: Sequence[str],
-    resolution: int,
-    gradient_clip_norm: float | None,
-) -> None:
-    """Numeric settings are in range; each message says which values work."""
-    problems = [
-        (
-            not a_max > 0,
-            f"model.a_max must be > 0 (DiffusionNFT's adv_clip_max, e.g. 5.0), got {a_max}",
-        ),
-        (
-            not 0.0 <= t_min < t_max <= 1.0,
-            f"need 0 <= model.t_min < model.t_max <= 1, got t_min={t_min}, t_max={t_max}",
-        ),
-        (
-            max_nonfinite_steps < 1,
-            f"model.max_nonfinite_steps must be >= 1 (e.g. 3), got {max_nonfinite_steps}",
-        ),
-        (not kl_beta >= 0, f"model.kl_beta must be >= 0 (0 turns the KL term off), got {kl_beta}"),
-        (
-            lora_rank < 1,
-            f"model.lora_rank must be >= 1 (the LoRA rank, e.g. 16 or 32), got {lora_rank}",
-        ),
-        (
-            not lora_alpha > 0,
-            f"model.lora_alpha must be > 0 (the LoRA scale is lora_alpha / lora_rank, often "
-            f"2 x lora_rank), got {lora_alpha}",
-        ),
-        (
-            not lora_target_modules,
-            "model.lora_target_modules is empty: list the transformer's linear layers to "
-            "adapt, or drop the setting for the default",
-        ),
-        (
-            resolution < 1,
-            f"model.resolution must be a positive number of pixels (e.g. 512 for SD3.5), "
-            f"got {resolution}",
-        ),
-        (
-            gradient_clip_norm is not None and not gradient_clip_norm > 0,
-            f"model.gradient_clip_norm must be > 0, or null to turn clipping off, "
-            f"got {gradient_clip_norm}",
-        ),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise ConfigError(message)
-
-
 def check_old_policy_decay(spec: float | DecaySchedule | Mapping[str, Any]) -> DecaySchedule:
     """``model.old_policy_decay`` as a :class:`~marble_pl.schedules.DecaySchedule`: a number is a
     constant decay, a mapping DiffusionNFT's hold-then-ramp."""
@@ -139,17 +82,6 @@ def check_old_policy_decay(spec: float | DecaySchedule | Mapping[str, Any]) -> D
             f"model.old_policy_decay: {err}. Use a number in [0, 1] for a constant decay "
             "(e.g. 0.5), or DiffusionNFT's ramp {hold_steps: 0, slope: 0.001, max_decay: 0.5}"
         ) from err
-
-
-def check_guidance(guidance_scale: float) -> None:
-    """Training rolls out without classifier-free guidance: the loss's ``v_old`` is unguided."""
-    if guidance_scale > 1.0:
-        raise ConfigError(
-            f"model.guidance_scale={guidance_scale} samples the rollouts with classifier-free "
-            "guidance, but the DiffusionNFT loss uses the unguided v_old, so the rollout policy "
-            "would differ from the policy in the loss: use model.guidance_scale: 1.0 "
-            "(DiffusionNFT trains CFG-free)"
-        )
 
 
 def check_resolution(

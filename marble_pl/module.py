@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -525,18 +526,19 @@ class MarbleModule(LightningModule):
             check_resolution(hp.resolution, *sizes)
 
     def _check_micro_batch_size(self, data: Any) -> None:
-        """A micro-batch larger than a step's (image, timestep) pairs is a mistake, not a no-op."""
+        """Say so when a micro-batch is larger than a step's (image, timestep) pairs: the step
+        then runs as ONE micro-batch, which is not what the setting asked for."""
         size = self.hparams.micro_batch_size
         batch, group = getattr(data, "batch_size", None), getattr(data, "group_size", None)
         if size is None or not isinstance(batch, int) or not isinstance(group, int):
             return
         pairs = batch * group * self.timesteps_count
         if size > pairs:
-            raise ConfigError(
+            rank_zero_warn(
                 f"model.micro_batch_size is {size} but a step has only {pairs} (image, timestep) "
                 f"pairs per process ({batch} prompts x {group} images x {self.timesteps_count} "
-                f"timesteps): set --model.micro_batch_size to at most {pairs}, or null for one "
-                "micro-batch"
+                f"timesteps): each step runs as one micro-batch of {pairs}; set "
+                f"--model.micro_batch_size to at most {pairs} (or null) to silence this"
             )
 
     def configure_model(self) -> None:

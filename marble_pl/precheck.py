@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Option:
     choices: tuple[str, ...] | None = None  # None: not a closed set of strings
     literal: tuple[str, ...] = ()  # the string choices of a Literal inside a wider union
     scalar: str | None = None  # "int", "float" or "bool" when that (or None) is the whole type
+    default: Any = None  # the default as a Python literal (UNKNOWN when not a literal)
 
 
 @dataclass
@@ -105,6 +107,40 @@ def _literal_aliases() -> dict[str, ast.expr]:
             if isinstance(target, ast.Name) and "Literal" in ast.unparse(value):
                 aliases.setdefault(target.id, value)
     return aliases
+
+
+UNKNOWN = object()
+"""A default or value this module cannot know without importing (an expression, a ``${...}``)."""
+
+
+@cache
+def _constants() -> dict[str, ast.expr]:
+    """Module-level ``NAME = <expr>`` of every module of the package (defaults such as
+    ``DEFAULT_LORA_TARGETS``)."""
+    found: dict[str, ast.expr] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in _module_tree(path).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                target, value = node.target, node.value
+            else:
+                continue
+            if isinstance(target, ast.Name) and target.id.isupper():
+                found.setdefault(target.id, value)
+    return found
+
+
+def _literal(node: ast.expr | None) -> Any:
+    """A default's value when it is a literal (or names a literal constant), else UNKNOWN."""
+    if node is None:
+        return UNKNOWN
+    if isinstance(node, ast.Name) and node.id in _constants():
+        node = _constants()[node.id]
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return UNKNOWN
 
 
 def _literal_strings(node: ast.expr, depth: int = 0) -> tuple[list[str], bool]:
@@ -179,6 +215,16 @@ def _init_options(path: Path, class_name: str) -> dict[str, Option]:
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == "__init__":
                     params = [*item.args.posonlyargs, *item.args.args, *item.args.kwonlyargs]
+                    positional = [*item.args.posonlyargs, *item.args.args]
+                    defaults: dict[str, ast.expr | None] = dict.fromkeys(a.arg for a in params)
+                    for arg, node in zip(
+                        positional[len(positional) - len(item.args.defaults) :],
+                        item.args.defaults,
+                        strict=True,
+                    ):
+                        defaults[arg.arg] = node
+                    for arg, node in zip(item.args.kwonlyargs, item.args.kw_defaults, strict=True):
+                        defaults[arg.arg] = node
                     options = {}
                     for arg in params[1:]:  # self
                         strings, other = (
@@ -186,7 +232,9 @@ def _init_options(path: Path, class_name: str) -> dict[str, Option]:
                         )
                         choices = tuple(strings) if strings and not other else None
                         scalar = _scalar(arg.annotation) if arg.annotation else None
-                        options[arg.arg] = Option(arg.arg, choices, tuple(strings), scalar)
+                        options[arg.arg] = Option(
+                            arg.arg, choices, tuple(strings), scalar, _literal(defaults[arg.arg])
+                        )
                     return options
     raise LookupError(f"{class_name}.__init__ not found in {path}")
 
@@ -451,8 +499,51 @@ def precheck(argv: list[str]) -> None:
         settings.extend(_yaml_settings(path, _read_config(path)))
     for setting in [*settings, *overrides]:
         _check_setting(setting)
+    _check_model_ranges([*settings, *overrides])
     if not any(a.startswith("--print_config") for a in argv):
         _check_prompt_files(argv[0], [*settings, *overrides])
+
+
+def _value(raw: Any) -> Any:
+    """A setting's value as YAML reads it (``8`` -> 8, ``[a, b]`` -> list), or UNKNOWN."""
+    if not isinstance(raw, str) or "${" in raw:
+        return UNKNOWN
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return UNKNOWN
+
+
+def _check_model_ranges(settings: list[Setting]) -> None:
+    """The numeric ``model.*`` rules of :mod:`marble_pl.ranges` on the final values (defaults from
+    the signature), when every value they need is known here; else the module checks them."""
+    from marble_pl import ranges
+
+    schema = signature_schema("model")
+    if schema is None:
+        return
+    values = {name: option.default for name, option in schema.options.items()}
+    for setting in settings:
+        section, _, key = setting.key.partition(".")
+        if section == "model" and key in values:
+            values[key] = _value(setting.value)
+    wanted = inspect.signature(ranges.check_ranges).parameters
+    checks = [
+        (ranges.check_beta, ["beta"]),
+        (ranges.check_guidance, ["guidance_scale"]),
+        (ranges.check_ranges, list(wanted)),
+    ]
+    for check, names in checks:
+        args = {n: values.get(n, UNKNOWN) for n in names}
+        if any(v is UNKNOWN for v in args.values()):
+            continue
+        try:
+            if check is ranges.check_ranges:
+                check(**args)
+            else:
+                check(*args.values())
+        except TypeError:  # a value of another type: jsonargparse will name it
+            continue
 
 
 PROMPT_FILES = {"fit": ("train_file", "val_file"), "validate": ("val_file",)}

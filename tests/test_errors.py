@@ -357,7 +357,21 @@ def test_max_steps_zero_is_an_error_not_a_silent_exit(marble_error, tmp_path):
     assert _versions(tmp_path) == []
 
 
-def test_micro_batch_larger_than_the_step_is_an_error(marble_error):
-    last = marble_error("--model.micro_batch_size=100")
-    assert "model.micro_batch_size is 100 but a step has only 24" in last
-    assert "(2 prompts x 4 images x 3 timesteps)" in last
+def test_micro_batch_larger_than_the_step_is_said(tiny_sd3_path):
+    """Not silently accepted: the step runs as one micro-batch, and a warning says so."""
+    from types import SimpleNamespace
+
+    module = MarbleModule(
+        pretrained_model_name_or_path=str(tiny_sd3_path),
+        micro_batch_size=100,
+        num_inference_steps=6,
+        timesteps_per_image=0.5,
+    )
+    with pytest.warns(UserWarning, match=r"micro_batch_size is 100 but a step has only 24"):
+        module._check_micro_batch_size(SimpleNamespace(batch_size=2, group_size=4))
+    module.hparams.micro_batch_size = 24
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._check_micro_batch_size(SimpleNamespace(batch_size=2, group_size=4))

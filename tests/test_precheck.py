@@ -54,8 +54,12 @@ def marble_light(*args: str, cwd: Path, env: dict[str, str] | None = None):
         (["--data.batch_sze", "2"], "(did you mean --data.batch_size?)"),
         (["--model.lora_rank", "eight"], "--model.lora_rank is 'eight', not an int"),
         (["--model.beta=abc"], "--model.beta is 'abc', not a float"),
+        (["--model.beta=2"], "model.beta must be in (0, 1]"),
+        (["--model.lora_rank=0"], "model.lora_rank must be >= 1"),
+        (["--model.guidance_scale", "4.5"], "model.guidance_scale=4.5 samples the rollouts with"),
     ],
-    ids=["key", "choice", "torchjd-name", "shortcut", "trainer", "data", "int", "float"],
+    ids=["key", "choice", "torchjd-name", "shortcut", "trainer", "data", "int", "float",
+         "beta-range", "rank-range", "cfg"],
 )  # fmt: skip
 def test_command_line_typos(tmp_path, args, expected):
     proc, lines = marble_light("fit", "--config", TINY, *args, cwd=tmp_path)
