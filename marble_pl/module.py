@@ -1566,8 +1566,6 @@ class MarbleModule(LightningModule):
             metric.update(values[values.isfinite() & applicable[:, k]])
             self.log(f"val/reward/{name}", metric, on_step=False, on_epoch=True)
 
-    def validation_generators(self, indices: Tensor) -> list[torch.Generator]:
-        """One CPU generator per validation prompt, seeded by ``(seed, prompt index)`` only.
     def on_validation_epoch_end(self) -> None:
         """``val/reward_mean``: the mean of the ``val/reward/<name>`` means (each reward on its
         own scale; one with no scored prompt left out), for best-checkpoint selection
@@ -1579,6 +1577,8 @@ class MarbleModule(LightningModule):
         value = finite.mean() if finite.numel() else torch.tensor(float("nan"))
         self.log("val/reward_mean", value, on_step=False, on_epoch=True, sync_dist=False)
 
+    def validation_generators(self, indices: Tensor) -> list[torch.Generator]:
+        """One CPU generator per validation prompt, seeded by ``(seed, prompt index)`` only.
 
         The same prompt gets the same noise at every validation, so ``val/reward`` moves only
         when the policy does.
