@@ -144,7 +144,7 @@ def test_bad_prompt_file_is_one_line_before_loading(marble_error, tmp_path, name
 
 def test_missing_prompt_file(marble_error, tmp_path):
     last = marble_error(f"--data.train_file={tmp_path / 'nope.txt'}")
-    assert "data.train_file" in last and "nope.txt" in last and "does not exist" in last
+    assert "data.train_file" in last and "nope.txt" in last and "not found" in last
 
 
 def test_unwritable_run_folder(marble_error, tmp_path):
