@@ -560,13 +560,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown(overrides: Sequence[str]) -> list[str]:
+    """The arguments that are neither ``--model.*`` / ``--trainer.*`` / ``--data.*`` overrides
+    (``--data.root=x`` or ``--data.root x``) nor their values."""
+    bad, value_next = [], False
+    for arg in overrides:
+        if arg.startswith(("--model.", "--trainer.", "--data.")):
+            value_next = "=" not in arg
+        elif value_next and not arg.startswith("--"):
+            value_next = False
+        else:
+            bad.append(arg)
+    return bad
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``marble evaluate``: print the table, write ``--out``; errors are one line (``marble``)."""
     args, overrides = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    bad = [a for a in overrides if not a.startswith(("--model.", "--trainer.", "--data."))]
+    bad = _unknown(overrides)
     if bad:
         raise EvaluateError(
-            f"marble evaluate: unknown argument(s) {bad}: see `marble evaluate --help`"
+            f"unknown argument(s) {bad} for marble evaluate: it takes its own options and "
+            "--model.* / --trainer.* / --data.* overrides (`marble evaluate --help`)"
         )
     result = evaluate(
         args.config,

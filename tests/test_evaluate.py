@@ -23,7 +23,7 @@ from test_reward_models import build_reward_weights, specs
 
 from marble_pl.cli import main
 from marble_pl.data import PromptDataModule
-from marble_pl.evaluate import BENCHMARKS, evaluate, geneval_summary, parse_rewards
+from marble_pl.evaluate import BENCHMARKS, _unknown, evaluate, geneval_summary, parse_rewards
 from marble_pl.export import export_checkpoint
 
 PICKSCORE = ["a red apple on a table", "a lighthouse at dusk", "a cat on a sofa"]
@@ -207,6 +207,27 @@ def test_geneval_summary_per_tag():
     assert out["overall"] == pytest.approx(0.75)  # the mean of the tags' accuracies
 
 
+def test_overrides_pass_with_their_values_and_nothing_else():
+    args = ["--data.root", "/d", "--model.lora_rank=8", "stray", "--trainer.devices", "1", "--x"]
+    assert _unknown(args) == ["stray", "--x"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_line(setup, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "evaluate",
+                f"--config={setup.config}",
+                f"--ckpt_path={setup.ckpt}",
+                "--model.lora_rank",
+                "8",
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("marble: error: the checkpoint's LoRA does not fit"), err
+
+
 def test_parse_rewards():
     assert parse_rewards("imagereward, pickscore") == ["imagereward", "pickscore"]
     assert parse_rewards("[{name: pickscore, dtype: float16}, hpsv2]") == [
@@ -222,6 +243,7 @@ def test_parse_rewards():
         (["--benchmarks=geneval,drawbench"], "unknown ['drawbench']"),
         (["--ckpt_path=missing.ckpt"], "checkpoint not found"),
         (["--rewards={}"], "--rewards"),
+        (["--steps=3"], "unknown argument(s) ['--steps=3']"),
     ],
 )
 def test_bad_arguments_are_one_line(extra, message, capsys, tmp_path):
