@@ -55,16 +55,14 @@ __all__ = [
     "reward_summary",
 ]
 
-BENCHMARKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "geneval": ("geneval/{split}_metadata.jsonl", ("geneval",)),
-    "ocr": ("ocr/{split}.txt", ("ocr",)),
-    "pickscore": (
-        "pickscore/{split}.txt",
-        ("imagereward", "pickscore", "aesthetic", "clip_score", "hpsv2"),
-    ),
+BENCHMARKS: dict[str, tuple[str, ...]] = {
+    "geneval": ("geneval",),
+    "ocr": ("ocr",),
+    "pickscore": ("imagereward", "pickscore", "aesthetic", "clip_score", "hpsv2"),
 }
-"""Benchmark -> (prompt file under the root, rewards that score it), as ``evaluation.py``
-(its ``unifiedreward``, a remote VLM, has no counterpart here)."""
+"""Benchmark (a source of the prompt root, :data:`~marble_pl.data.DEFAULT_SOURCES`) -> the
+rewards that score it, as ``evaluation.py`` (its ``unifiedreward``, a remote VLM, has no
+counterpart here)."""
 
 LORA_ADAPTER = "evaluated"
 """The name the ``--lora`` adapter is loaded under, beside the config's own adapters."""
@@ -91,7 +89,10 @@ def _spec_name(spec: Any) -> str:
 def parse_rewards(text: str) -> list[Any]:
     """``--rewards``: comma-separated names (``pickscore,hpsv2``) or a YAML/JSON list of specs
     (``[{name: pickscore, dtype: float16}, hpsv2]``)."""
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = None
     if isinstance(value, str):
         value = [name.strip() for name in value.split(",") if name.strip()]
     if not isinstance(value, list) or not value:
@@ -350,9 +351,9 @@ def load_evaluated(module: Any, lora: Mapping[str, Tensor] | None, lora_dir: Pat
 
 def _prompts(root: Path, benchmark: str, split: str, limit: int | None):
     """One benchmark's prompts and metadata (``source`` set), in file order."""
-    from marble_pl.data import check_layout, read_sources
+    from marble_pl.data import DEFAULT_SOURCES, check_layout, read_sources
 
-    pattern = BENCHMARKS[benchmark][0]
+    pattern = DEFAULT_SOURCES[benchmark]
     check_layout(root, {benchmark: pattern}, [split])
     prompts, metadata, _ = read_sources(root, {benchmark: pattern}, split)
     if limit is not None:
@@ -502,7 +503,7 @@ def evaluate(
     }
     for bench in dict.fromkeys(benchmarks):
         prompts, metadata = _prompts(Path(root), bench, split, limit)
-        names = list(rewards) if (bench == "pickscore" and rewards) else BENCHMARKS[bench][1]
+        names = list(rewards) if (bench == "pickscore" and rewards) else BENCHMARKS[bench]
         scorers = build_eval_rewards(
             reward_specs(names, configured), random_weights=random_weights
         ).to(device)

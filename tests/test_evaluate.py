@@ -110,7 +110,7 @@ def setup(tiny_sd3_path, tmp_path_factory) -> Setup:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     five = specs(build_reward_weights(tmp / "reward_weights"))
-    rewards = [five[name] for name in BENCHMARKS["pickscore"][1]]
+    rewards = [five[name] for name in BENCHMARKS["pickscore"]]
     return Setup(config=path, ckpt=ckpt, lora=tmp / "lora", rewards=rewards, root=root)
 
 
@@ -150,7 +150,7 @@ def from_ckpt(setup) -> tuple[dict, str, dict]:
 
 def test_table_and_json_have_every_benchmark_and_reward(from_ckpt):
     result, table, _ = from_ckpt
-    expected = {(b, r) for b, (_, names) in BENCHMARKS.items() for r in names}
+    expected = {(b, r) for b, names in BENCHMARKS.items() for r in names}
     assert set(scores(result)) == expected
     for bench, name in expected:
         assert f"| {bench} | {name} |" in table
@@ -243,6 +243,7 @@ def test_parse_rewards():
         (["--benchmarks=geneval,drawbench"], "unknown ['drawbench']"),
         (["--ckpt_path=missing.ckpt"], "checkpoint not found"),
         (["--rewards={}"], "--rewards"),
+        (["--rewards=[{name: pickscore"], "--rewards"),
         (["--steps=3"], "unknown argument(s) ['--steps=3']"),
     ],
 )
