@@ -93,9 +93,9 @@ def _module_tree(path: Path) -> ast.Module:
 
 
 @cache
-def _literal_aliases() -> dict[str, ast.expr]:
-    """``Name = Literal[...]`` (or ``Name: TypeAlias = ...``) of every module of the package."""
-    aliases: dict[str, ast.expr] = {}
+def _assignments() -> tuple[tuple[str, ast.expr], ...]:
+    """Every module-level ``name = <expr>`` (or ``name: T = <expr>``) of the package, in order."""
+    found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in _module_tree(path).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -104,8 +104,18 @@ def _literal_aliases() -> dict[str, ast.expr]:
                 target, value = node.target, node.value
             else:
                 continue
-            if isinstance(target, ast.Name) and "Literal" in ast.unparse(value):
-                aliases.setdefault(target.id, value)
+            if isinstance(target, ast.Name):
+                found.append((target.id, value))
+    return tuple(found)
+
+
+@cache
+def _literal_aliases() -> dict[str, ast.expr]:
+    """``Name = Literal[...]`` (or ``Name: TypeAlias = ...``) of every module of the package."""
+    aliases: dict[str, ast.expr] = {}
+    for name, value in _assignments():
+        if "Literal" in ast.unparse(value):
+            aliases.setdefault(name, value)
     return aliases
 
 
@@ -115,19 +125,11 @@ UNKNOWN = object()
 
 @cache
 def _constants() -> dict[str, ast.expr]:
-    """Module-level ``NAME = <expr>`` of every module of the package (defaults such as
-    ``DEFAULT_LORA_TARGETS``)."""
+    """Module-level ``NAME = <expr>`` of the package (defaults such as ``DEFAULT_LORA_TARGETS``)."""
     found: dict[str, ast.expr] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for node in _module_tree(path).body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, value = node.targets[0], node.value
-            elif isinstance(node, ast.AnnAssign) and node.value is not None:
-                target, value = node.target, node.value
-            else:
-                continue
-            if isinstance(target, ast.Name) and target.id.isupper():
-                found.setdefault(target.id, value)
+    for name, value in _assignments():
+        if name.isupper():
+            found.setdefault(name, value)
     return found
 
 
