@@ -37,12 +37,18 @@ __all__ = [
     "gradient_scales",
     "rescale_gram",
     "to_raw_weights",
+    "applied_weights",
+    "BalanceCadence",
     "project_to_simplex",
     "GRAD_EPS",
     "active_rewards",
 ]
 
-Normalization = Literal["none", "l2", "loss"]
+Normalization = Literal["none", "l2", "unit", "loss"]
+"""How gradients are scaled before the QP (:func:`gradient_scales`) and how its weights are
+applied (:func:`applied_weights`): ``l2`` and ``unit`` solve the same QP on unit-norm gradients;
+``l2`` applies the weights giving that direction on the raw gradients, ``unit`` (the paper
+authors' ``normalize_grads``) applies the QP's alpha itself to the raw per-reward advantages."""
 
 
 @dataclass(frozen=True)
@@ -497,14 +503,14 @@ def gradient_scales(
 ) -> np.ndarray:
     """Per-reward scales ``s_k`` for the normalisation ``g_k -> g_k / s_k`` before the QP.
 
-    ``none``: 1; ``l2``: ``||g_k||`` (MGDA's normalised variant; zero gradients keep 1);
-    ``loss``: the reward's loss value ``L_k`` (MGDA-UB's loss scaling; needs ``losses``).
+    ``none``: 1; ``l2`` and ``unit``: ``||g_k||`` (MGDA's normalised variant; zero gradients
+    keep 1); ``loss``: the reward's loss value ``L_k`` (MGDA-UB's loss scaling; needs ``losses``).
     """
     m = _check_gram(gram)
     k = m.shape[0]
     if mode == "none":
         return np.ones(k)
-    if mode == "l2":
+    if mode in ("l2", "unit"):
         norms = np.sqrt(np.clip(np.diag(m), 0.0, None))
         return np.where(norms > 0, norms, 1.0)
     if mode == "loss":
@@ -512,7 +518,7 @@ def gradient_scales(
             raise ValueError("normalization='loss' needs the per-reward losses")
         s = np.abs(np.asarray(losses, dtype=np.float64))
         return np.where(s > 0, s, 1.0)
-    raise ValueError(f"normalization must be one of 'none', 'l2', 'loss', got {mode!r}")
+    raise ValueError(f"normalization must be one of 'none', 'l2', 'unit', 'loss', got {mode!r}")
 
 
 def rescale_gram(gram: np.ndarray | Tensor, scales: np.ndarray) -> np.ndarray:
@@ -531,19 +537,86 @@ def to_raw_weights(weights: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
+def applied_weights(weights: np.ndarray, scales: np.ndarray, mode: Normalization) -> np.ndarray:
+    """The coefficients the update applies to the raw per-reward advantages, from the QP's.
+
+    ``unit``: the QP's alpha as it is (the paper authors' ``normalize_grads``: ``sum_k alpha_k
+    A_k`` on the raw advantages, whose direction is not the normalised min-norm point); every
+    other mode: :func:`to_raw_weights` (the normalised QP's direction on the raw gradients).
+    """
+    if mode == "unit":
+        w = np.asarray(weights, dtype=np.float64)
+        return w / w.sum()
+    return to_raw_weights(weights, scales)
+
+
+BalanceOn = Literal["batch", "first_micro_batch"]
+
+
+@dataclass(frozen=True)
+class BalanceCadence:
+    """Which micro-batches of a step solve the balance, each group on its own Gram.
+
+    ``batch`` (marble-pl): every ``every_n_steps``-th step one solve on the whole batch's Gram.
+    ``first_micro_batch`` (the paper authors' ``amortize_every_n``, ``amortize_warmup``): the
+    first ``warmup_steps`` steps solve on every micro-batch separately; later, every
+    ``every_n_steps``-th step solves on its first micro-batch only. A solving group applies its
+    fresh coefficients; every other micro-batch applies the cached ones.
+    """
+
+    every_n_steps: int = 1
+    on: BalanceOn = "batch"
+    warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1:
+            raise ValueError(
+                f"every_n_steps must be >= 1 (1: every step), got {self.every_n_steps}"
+            )
+        if self.on not in ("batch", "first_micro_batch"):
+            raise ValueError(f"on must be 'batch' or 'first_micro_batch', got {self.on!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def groups(self, step: int, micro_batches: int) -> tuple[tuple[int, ...], ...]:
+        """The micro-batch indices of each solve of step ``step`` (empty: no solve)."""
+        if micro_batches < 1:
+            raise ValueError(f"a step has at least one micro-batch, got {micro_batches}")
+        if self.on == "first_micro_batch" and step < self.warmup_steps:
+            return tuple((i,) for i in range(micro_batches))
+        if step % self.every_n_steps != 0:
+            return ()
+        if self.on == "first_micro_batch":
+            return ((0,),)
+        return (tuple(range(micro_batches)),)
+
+
 class EMA:
     """EMA of the balancing coefficients, ``lambda_bar = mu lambda_bar + (1 - mu) lambda*``.
 
     ``bias_correction=True`` starts from zero and divides by ``1 - mu^t`` (so the first value is
-    ``lambda*`` itself); ``False`` starts from uniform weights ``1/K``. Either way the result stays
-    on the simplex.
+    ``lambda*`` itself); ``False`` starts from uniform weights ``1/K`` (``start="uniform"``) or
+    takes the first ``lambda*`` raw (``start="first"``, the paper authors' alpha EMA). Either way
+    the result stays on the simplex.
     """
 
-    def __init__(self, decay: float = 0.9, bias_correction: bool = True):
+    def __init__(
+        self,
+        decay: float = 0.9,
+        bias_correction: bool = True,
+        start: Literal["uniform", "first"] = "uniform",
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay mu must be in [0, 1), got {decay}")
+        if start not in ("uniform", "first"):
+            raise ValueError(f"EMA start must be 'uniform' or 'first', got {start!r}")
+        if start == "first" and bias_correction:
+            raise ValueError(
+                "EMA start='first' takes the first value raw: it needs bias_correction=False"
+            )
         self.decay = float(decay)
         self.bias_correction = bool(bias_correction)
+        self.start = start
         self.step = 0
         self._m: np.ndarray | None = None
 
@@ -560,6 +633,9 @@ class EMA:
         """Fold in this step's ``lambda*`` and return the smoothed ``lambda_bar``."""
         w = np.asarray(weights, dtype=np.float64)
         if self._m is None or self._m.shape != w.shape:
+            if self.start == "first":  # the first value taken raw
+                self.step, self._m = 1, w.copy()
+                return w.copy()
             self.step = 0
             self._m = np.zeros_like(w) if self.bias_correction else np.full_like(w, 1.0 / w.size)
         self.step += 1

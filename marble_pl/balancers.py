@@ -36,15 +36,16 @@ from marble_pl.balance import (
     MinNormSolver,
     Normalization,
     active_rewards,
+    applied_weights,
     gradient_scales,
     rescale_gram,
-    to_raw_weights,
 )
 from marble_pl.errors import ConfigError
 
 __all__ = [
     "LEGACY_NAMES",
     "Balancer",
+    "EqualAlpha",
     "GramianWeighting",
     "MinNormBalancer",
     "SingleReward",
@@ -107,6 +108,7 @@ class Balancer(ABC):
     k: int | None = None
     names: tuple[str, ...] = ()
     _last: np.ndarray | None = None
+    _applied: np.ndarray | None = None
     _subset: bool = False
     """True while :meth:`balance` solves on the rewards left in the QP (a smaller Gram)."""
 
@@ -129,6 +131,11 @@ class Balancer(ABC):
         simplex: ONE estimator on ``R @ w`` (``r`` is ``[N, 1]``, applied with weight 1)."""
         return None
 
+    def fixed_weights(self) -> np.ndarray | None:
+        """None, or ``[K]`` weights on the simplex applied to the per-reward estimators every
+        step without any Gram (:class:`EqualAlpha`; only read when :attr:`needs_gram` is False)."""
+        return None
+
     @abstractmethod
     def __call__(
         self, gram: np.ndarray | Tensor, losses: np.ndarray | Tensor | None = None
@@ -148,6 +155,9 @@ class Balancer(ABC):
     ) -> BalanceResult:
         """:meth:`__call__` on the rewards that take part (:func:`~marble_pl.balance.active_rewards`).
 
+        The weights of a solve that trains some reward are kept as :attr:`last_applied` (the
+        coefficients of the update's own space, which steps between balanced ones apply).
+
         A reward that applies to no sample of the batch (``present[k]`` False), or whose
         gradient norm is ``<= grad_eps`` or not finite, leaves the QP with weight 0 and the
         others are balanced among themselves (the paper authors' rule); the result's ``active``
@@ -159,6 +169,19 @@ class Balancer(ABC):
         torchjd ``pref_vector``, say) that cannot solve a smaller problem falls back as it
         documents.
         """
+        result = self._balance_active(gram, losses, present, grad_eps)
+        if result.status not in ("nonfinite_gram", "zero_gram") and result.weights.any():
+            self._applied = np.asarray(result.weights, dtype=np.float64).copy()
+        return result
+
+    def _balance_active(
+        self,
+        gram: np.ndarray | Tensor,
+        losses: np.ndarray | Tensor | None,
+        present: np.ndarray | None,
+        grad_eps: float,
+    ) -> BalanceResult:
+        """:meth:`balance` without the bookkeeping of :attr:`last_applied`."""
         m = _as_gram(gram)
         k = m.shape[0]
         keep = active_rewards(m, present, grad_eps)
@@ -210,14 +233,33 @@ class Balancer(ABC):
     def warm_start(self, value: np.ndarray | Sequence[float] | None) -> None:
         self._last = None if value is None else _as_array(value)
 
+    @property
+    def last_applied(self) -> np.ndarray | None:
+        """The last :meth:`balance`'s weights, in the space the update applies them (raw
+        advantages), unlike :attr:`warm_start` (the solver's own space). Before any (or from a
+        checkpoint that did not hold them): the warm start where it lives in that space
+        (:meth:`_warm_start_is_applied`), else None."""
+        if self._applied is not None:
+            return self._applied.copy()
+        return self.warm_start if self._warm_start_is_applied() else None
+
+    def _warm_start_is_applied(self) -> bool:
+        """Whether :attr:`warm_start` holds weights as the update applies them."""
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must hold to resume exactly (the warm start), as plain data."""
-        w = self.warm_start
-        return {"warm_start": None if w is None else w.tolist()}
+        """What a checkpoint must hold to resume exactly (warm start, last applied), as plain data."""
+        w, a = self.warm_start, self._applied
+        state: dict[str, Any] = {"warm_start": None if w is None else w.tolist()}
+        if a is not None:
+            state["last_applied"] = a.tolist()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         self.warm_start = state.get("warm_start")
+        applied = state.get("last_applied")
+        self._applied = None if applied is None else _as_array(applied)
 
     def spec(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": {...}}`` as plain data (hparams, checkpoints)."""
@@ -258,10 +300,14 @@ class Balancer(ABC):
 class MinNormBalancer(Balancer):
     """MARBLE's default: the min-norm point of the (normalised) gradients' convex hull (OSQP).
 
-    ``normalization`` divides each gradient by a scale first (``none``, ``l2`` norms, ``loss``
-    values) and maps the QP's weights back onto the raw gradients (:func:`to_raw_weights`),
-    renormalised to the simplex. The returned weights are those raw weights; status, solve time
-    and fallback are the QP's. The warm start is the QP's own solution (normalised space).
+    ``normalization`` divides each gradient by a scale first (``none``, ``l2`` and ``unit``
+    norms, ``loss`` values). ``l2`` and ``loss`` map the QP's weights back onto the raw
+    gradients (:func:`~marble_pl.balance.to_raw_weights`: the normalised min-norm direction),
+    renormalised to the simplex; ``unit`` applies the QP's alpha itself to the raw per-reward
+    advantages, as the paper authors' ``normalize_grads=True``
+    (:func:`~marble_pl.balance.applied_weights`). The returned weights are those applied;
+    status, solve time and fallback are the QP's. The warm start is the QP's own solution
+    (normalised space).
     """
 
     def __init__(
@@ -275,7 +321,9 @@ class MinNormBalancer(Balancer):
         if normalization not in choices:
             raise ConfigError(
                 f"normalization={normalization!r} is not one of {list(choices)}: use 'none' "
-                "(raw gradients), 'l2' (unit-norm gradients) or 'loss' (divided by the loss)"
+                "(raw gradients), 'l2' (unit-norm gradients, their min-norm direction), 'unit' "
+                "(the QP on unit-norm gradients, its alpha on the raw advantages: the paper "
+                "authors') or 'loss' (divided by the loss)"
             )
         self.normalization = normalization
         self.eps_abs, self.eps_rel, self.max_iter = float(eps_abs), float(eps_rel), int(max_iter)
@@ -292,8 +340,13 @@ class MinNormBalancer(Balancer):
             m, self.normalization, None if losses is None else _as_array(losses)
         )
         result = self.solver(rescale_gram(m, scales))
-        raw = to_raw_weights(result.weights, scales)
+        raw = applied_weights(result.weights, scales, self.normalization)
         return BalanceResult(raw, result.status, result.solve_seconds, result.fallback)
+
+    def _warm_start_is_applied(self) -> bool:
+        """The QP's solution is the applied alpha without rescaling (``none``) or by design
+        (``unit``); ``l2`` and ``loss`` map it onto the raw gradients first."""
+        return self.normalization in ("none", "unit")
 
     @property
     def warm_start(self) -> np.ndarray | None:
@@ -354,6 +407,27 @@ class WeightedSum(Balancer):
     ) -> BalanceResult:
         """The fixed weights (the module does not call this: ``needs_gram`` is False)."""
         return BalanceResult(self.mix(), "fixed", 0.0, False)
+
+
+class EqualAlpha(Balancer):
+    """Ablation (the paper authors' ``equal_alpha``): ``alpha = 1/K`` on the per-reward
+    advantages every step, never solved (no per-reward gradients needed).
+
+    Unlike :class:`WeightedSum` (one estimator on ``R @ w``), each reward keeps its own
+    advantage estimator; the update combines them with equal coefficients.
+    """
+
+    needs_gram: ClassVar[bool] = False
+
+    def fixed_weights(self) -> np.ndarray:
+        k = self._bound_k()
+        return np.full(k, 1.0 / k)
+
+    def __call__(
+        self, gram: np.ndarray | Tensor, losses: np.ndarray | Tensor | None = None
+    ) -> BalanceResult:
+        """``1/K`` each, whatever the Gram (the module does not call this)."""
+        return BalanceResult(self.fixed_weights(), "fixed", 0.0, False)
 
 
 class SingleReward(Balancer):
@@ -553,7 +627,13 @@ class GramianWeighting(Balancer):
 
 
 _THIS_MODULE = __name__
-_SHORT_NAMES = ("MinNormBalancer", "WeightedSum", "SingleReward", "GramianWeighting")
+_SHORT_NAMES = (
+    "MinNormBalancer",
+    "WeightedSum",
+    "SingleReward",
+    "GramianWeighting",
+    "EqualAlpha",
+)
 
 
 def _import_class(class_path: str) -> type[Balancer]:
