@@ -10,7 +10,11 @@ from torch import Tensor
 
 from marble_pl.balance import EMA, conflicts, project_to_safe_set
 
-__all__ = ["CoefficientEMA", "GuardMode", "DEFAULT_GUARD", "guard_mode"]
+__all__ = ["CoefficientEMA", "GuardMode", "DEFAULT_GUARD", "guard_mode", "ApplyMode"]
+
+#: What a balanced step applies: the smoothed ``lambda_bar`` (marble-pl), or its own fresh
+#: ``lambda*`` with ``lambda_bar`` applied only between solves (the paper authors' alpha EMA).
+ApplyMode = Literal["smoothed", "fresh_on_solve"]
 
 #: What a step applies when ``lambda_bar`` would push a reward backwards (see CoefficientEMA).
 GuardMode = Literal["reset", "project", "off"]
@@ -63,6 +67,13 @@ class CoefficientEMA(Callback):
             weights ``1/K`` (False).
         guard: ``"reset"``, ``"project"`` or ``"off"`` (default :data:`DEFAULT_GUARD`); booleans
             are still accepted: ``True`` is ``"reset"``, ``False`` is ``"off"``.
+        start: with ``bias_correction=False``, the average starts from uniform weights
+            (``"uniform"``) or takes the first ``lambda*`` raw (``"first"``, the paper authors').
+        apply: ``"smoothed"`` applies ``lambda_bar`` on a balanced step; ``"fresh_on_solve"``
+            applies that step's own ``lambda*`` (the EMA still folds it in) and ``lambda_bar``
+            only where nothing is solved, as the paper authors' alpha EMA (no guard needed on the
+            solve: ``lambda*`` never conflicts). Their setting: ``{decay: 0.7, bias_correction:
+            false, start: first, guard: off, apply: fresh_on_solve}``.
 
     Example (YAML)::
 
@@ -77,8 +88,15 @@ class CoefficientEMA(Callback):
         decay: float = 0.9,
         bias_correction: bool = True,
         guard: GuardMode | bool = DEFAULT_GUARD,
+        start: Literal["uniform", "first"] = "uniform",
+        apply: ApplyMode = "smoothed",
     ) -> None:
-        self.ema = EMA(decay=decay, bias_correction=bias_correction)
+        self.ema = EMA(decay=decay, bias_correction=bias_correction, start=start)
+        if apply not in get_args(ApplyMode):
+            raise ValueError(
+                f"apply must be one of {', '.join(map(repr, get_args(ApplyMode)))}, got {apply!r}"
+            )
+        self.apply: ApplyMode = apply
         self.guard: GuardMode = guard_mode(guard)
         self.guarded = 0
 
@@ -112,6 +130,8 @@ class CoefficientEMA(Callback):
         if not keep.any():
             return np.zeros_like(star)
         smoothed = self.ema.update(star)
+        if self.apply == "fresh_on_solve":
+            return star.copy()
         if not keep.all():
             total = float(smoothed[keep].sum())
             smoothed = np.where(keep, smoothed, 0.0) / total if total > 0 else star.copy()
@@ -135,7 +155,8 @@ class CoefficientEMA(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the running average; the configured decay and bias correction win (resume
         with changed settings applies them)."""
-        decay, bias_correction = self.ema.decay, self.ema.bias_correction
+        decay, bias_correction, start = self.ema.decay, self.ema.bias_correction, self.ema.start
         self.ema.load_state_dict(state_dict)
         self.ema.decay, self.ema.bias_correction = decay, bias_correction
+        self.ema.start = start
         self.guarded = int(state_dict.get("guarded", 0))

@@ -33,7 +33,7 @@ from marble_pl.advantages import (
     optimality,
     pooled_std,
 )
-from marble_pl.balance import BalanceResult, Normalization, gram
+from marble_pl.balance import BalanceCadence, BalanceOn, BalanceResult, Normalization, gram
 from marble_pl.balancers import Balancer, resolve_balancer
 from marble_pl.checks import (
     check_choices,
@@ -226,6 +226,12 @@ class TrainingPairs:
         size = n if size is None else size
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
+    def subset(self, part: slice) -> TrainingPairs:
+        """The pairs of ``part`` (consecutive micro-batches), images indexed as in the batch."""
+        return TrainingPairs(
+            self.x_t[part], self.t[part], self.v_target[part], self.image[part], self.count
+        )
+
 
 class MarbleModule(LightningModule):
     """Multi-reward DiffusionNFT fine-tuning of an SD3 transformer's LoRA, balanced by MARBLE.
@@ -327,6 +333,15 @@ class MarbleModule(LightningModule):
             coefficients (``lambda_bar``, the coefficient EMA's value) are applied with ONE
             backward, as the weighted sum costs. 1: every step. Gradient monitors log on the
             balanced steps only.
+        balance_on: ``batch``: a balanced step solves once on the whole batch's gradients.
+            ``first_micro_batch`` (the paper authors' amortized balance): a balanced step solves
+            on its first micro-batch's gradients only, which apply that fresh ``lambda`` (as
+            the coefficient EMA returns it); its other micro-batches apply the cached one
+            (``lambda_bar``); the first ``balance_warmup_steps`` steps solve on every
+            micro-batch (:class:`~marble_pl.balance.BalanceCadence`). Gradient monitors do not
+            see these steps.
+        balance_warmup_steps: with ``balance_on: first_micro_batch``, the steps that solve on
+            every micro-batch (the authors' ``amortize_warmup``: 1).
         eval_ema_decay: keep an EMA of the trained adapter (a third LoRA adapter, float32) and
             evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
             eval_ema_decay)`` after update ``t`` (1 for the first: 2/11), as DiffusionNFT's
@@ -390,6 +405,8 @@ class MarbleModule(LightningModule):
         rollout_chunk_size: int | None = None,
         lagged_balance: bool = False,
         balance_every_n_steps: int = 1,
+        balance_on: BalanceOn = "batch",
+        balance_warmup_steps: int = 1,
         eval_ema_decay: float | None = None,
         eval_num_inference_steps: int | None = None,
         seed: int = 0,
@@ -493,6 +510,13 @@ class MarbleModule(LightningModule):
                 f"model.balance_every_n_steps must be >= 1 (1: balance every step), got "
                 f"{balance_every_n_steps}"
             )
+        try:
+            self.cadence = BalanceCadence(balance_every_n_steps, balance_on, balance_warmup_steps)
+        except ValueError as err:
+            raise ConfigError(
+                f"model.balance_on / balance_warmup_steps: {err} (balance_on: batch or "
+                "first_micro_batch; balance_warmup_steps >= 0)"
+            ) from err
         for name, value in (
             ("micro_batch_size", micro_batch_size),
             ("rollout_chunk_size", rollout_chunk_size),
@@ -875,7 +899,9 @@ class MarbleModule(LightningModule):
         (:meth:`~marble_pl.balancers.Balancer.balance`).
         """
         if not self.balancer.needs_gram or m is None:
-            return np.ones(1), np.ones(1), None
+            fixed = self.balancer.fixed_weights()  # EqualAlpha: per-reward, never solved
+            one = np.ones(1) if fixed is None else fixed
+            return one, one, None
         result = self.balancer.balance(m, losses.detach().double().cpu().numpy(), present)
         if result.active is not None and not result.active.any():
             # Nothing to balance (no reward with a sample and a usable gradient): zero weights,
@@ -1032,6 +1058,7 @@ class MarbleModule(LightningModule):
             need_stats = self.balancer.needs_gram or bool(monitors)
             stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats, w)
             m = self._output_gram(stats, r, w)
+        solved = self._solve_micro_batches(pairs, cond, r, w, present) if reuse == "micro" else None
         if reuse:
             coefficients = self._previous_coefficients(present)
         else:
@@ -1039,6 +1066,12 @@ class MarbleModule(LightningModule):
         raw, weights, result = coefficients
         lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
         r_bar, c = affine_combination(r, w, lam)  # the update's r and per-image weight
+        mixes = None
+        if solved is not None:  # the solving micro-batches apply their own fresh coefficients
+            fresh, raw, result = solved
+            mixes = [
+                None if f is None else affine_combination(r, w, self._as_lam(f, r)) for f in fresh
+            ]
         if grads is not None:
             direction = update_direction(grads, lam.to(grads.dtype))
 
@@ -1062,7 +1095,13 @@ class MarbleModule(LightningModule):
             loss = losses.detach() @ lam.to(losses.dtype)
         else:
             loss, kl, seen = self.accumulate_update(
-                pairs, cond, r_bar, kept, stats_of=r if lagged else None, weights=(c, w)
+                pairs,
+                cond,
+                r_bar,
+                kept,
+                stats_of=r if lagged else None,
+                weights=(c, w),
+                mixes=mixes,
             )
         if lagged:  # this batch's Gram, seen by the update's own forwards, for the next step
             stats, losses = seen
@@ -1193,6 +1232,7 @@ class MarbleModule(LightningModule):
         kept: list[Forward] | None,
         stats_of: Tensor | None = None,
         weights: tuple[Tensor, Tensor] | None = None,
+        mixes: Sequence[tuple[Tensor, Tensor] | None] | None = None,
     ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """Backward of ``sum_p c_p l_p(r_bar_p) + KL`` over all micro-batches: gradients add up.
 
@@ -1202,7 +1242,9 @@ class MarbleModule(LightningModule):
         the global denominators, so each rank's objective is scaled by the world size against
         DDP's averaging. Returns the loss, the KL term (None when ``kl_beta == 0``) and, for
         ``stats_of`` (``r [N, K]``, the lagged balance; ``w`` its loss weights), the
-        output-space statistics and losses the same forwards give at no extra cost.
+        output-space statistics and losses the same forwards give at no extra cost. ``mixes[i]``
+        (when given and not None) replaces ``(r_bar, c)`` on micro-batch ``i`` (the micro-batches
+        that solved their own coefficients, :meth:`_solve_micro_batches`).
         """
         hp = self.hparams
         total = float(len(pairs))
@@ -1221,11 +1263,13 @@ class MarbleModule(LightningModule):
             if stats_of is not None:
                 v = (v_theta, v_old, v_target)
                 seen = self._fold_stats(seen, pairs, mb, stats_of, v, kw, w)
-            per = nft_loss(v_theta, v_old, v_target, r_bar[pairs.image[mb]], hp.beta, **kw)
-            if c is None:
+            mix = mixes[i] if mixes is not None else None
+            rb, cc = (r_bar, c) if mix is None else mix
+            per = nft_loss(v_theta, v_old, v_target, rb[pairs.image[mb]], hp.beta, **kw)
+            if cc is None:
                 objective = per.sum() / total
             else:
-                objective = (per * c[pairs.image[mb]].to(per.dtype)).sum() * world
+                objective = (per * cc[pairs.image[mb]].to(per.dtype)).sum() * world
             loss_sum += objective.detach().double()
             if hp.kl_beta > 0:
                 kl = self._kl(pairs, mb, cond, v_theta) / total
@@ -1276,18 +1320,27 @@ class MarbleModule(LightningModule):
             return None
         return self._all_reduce_sum(output_gram(stats, r, weights=w))
 
-    def _reuse_mode(self, pairs: TrainingPairs) -> Literal["lagged", "between"] | None:
+    def _reuse_mode(self, pairs: TrainingPairs) -> Literal["lagged", "between", "micro"] | None:
         """Whether this step applies earlier batches' coefficients instead of balancing first.
 
-        ``between``: a step between two balanced ones (``balance_every_n_steps``): no Gram at
-        all. ``lagged`` (``lagged_balance``): only where it saves work, in output space with more
-        than one micro-batch; this batch's Gram is folded in after the update. Either needs
-        earlier coefficients (the first step is balanced exactly) and a balancer that uses them.
+        ``micro``: the cadence (:class:`~marble_pl.balance.BalanceCadence`) solves on some
+        micro-batches only (:meth:`_solve_micro_batches`); the others apply the cached
+        coefficients. ``between``: a step between two balanced ones (``balance_every_n_steps``):
+        no Gram at all. ``lagged`` (``lagged_balance``): only where it saves work, in output
+        space with more than one micro-batch; this batch's Gram is folded in after the update.
+        The last two need earlier coefficients (the first step is balanced exactly) and a
+        balancer that uses them.
         """
         hp = self.hparams
-        if not self.balancer.needs_gram or self._previous_weights() is None:
+        if not self.balancer.needs_gram:
             return None
-        if self.global_step % hp.balance_every_n_steps != 0:
+        chunks = len(pairs.chunks(hp.micro_batch_size))
+        groups = self.cadence.groups(self.global_step, chunks)
+        if groups and groups != (tuple(range(chunks)),):
+            return "micro"
+        if self._previous_weights() is None:
+            return None
+        if not groups:
             return "between"
         if (
             hp.lagged_balance
@@ -1297,11 +1350,49 @@ class MarbleModule(LightningModule):
             return "lagged"
         return None
 
+    @staticmethod
+    def _as_lam(weights: np.ndarray, r: Tensor) -> Tensor:
+        """Coefficients as a tensor on ``r``'s dtype and device."""
+        return torch.as_tensor(weights, dtype=r.dtype, device=r.device)
+
+    def _solve_micro_batches(
+        self,
+        pairs: TrainingPairs,
+        cond: tuple[Tensor, Tensor],
+        r: Tensor,
+        w: Tensor,
+        present: np.ndarray,
+    ) -> tuple[list[np.ndarray | None], np.ndarray, BalanceResult | None]:
+        """The cadence's solves of this step, each on its group of micro-batches' own Gram.
+
+        Returns the coefficients each micro-batch applies (None: the cached ones, read after
+        the solves), and the last solve's ``lambda*`` and result (logged). Each solve goes
+        through the coefficient EMA like a balanced step (``apply: fresh_on_solve`` returns the
+        fresh ``lambda*``).
+        """
+        chunks = pairs.chunks(self.hparams.micro_batch_size)
+        fresh: list[np.ndarray | None] = [None] * len(chunks)
+        raw, result = np.ones(1), None
+        for group in self.cadence.groups(self.global_step, len(chunks)):
+            sub = pairs.subset(slice(chunks[group[0]].start, chunks[group[-1]].stop))
+            if self.hparams.gradient_space != "output":
+                grads, _, losses, _ = self.parameter_space_grads(sub, cond, r, w)
+                m = gram(grads)
+            else:
+                stats, losses, _ = self.output_space_stats(sub, cond, r, True, w)
+                m = self._output_gram(stats, r, w)
+            raw, applied, result = self._coefficients(m, losses, present=present)
+            for i in group:
+                fresh[i] = applied
+        return fresh, raw, result
+
     def _previous_weights(self) -> np.ndarray | None:
-        """``lambda_bar`` of the earlier batches (the EMA's value, else the last ``lambda*``)."""
+        """``lambda_bar`` of the earlier batches (the EMA's value, else the last balance's
+        ``lambda*`` as applied: :attr:`~marble_pl.balancers.Balancer.last_applied`, not the
+        solver's warm start, which may live in a normalised space)."""
         ema = self._coefficient_ema()
         value = ema.value if ema is not None else None
-        return value if value is not None else self.balancer.warm_start
+        return value if value is not None else self.balancer.last_applied
 
     def _previous_coefficients(
         self, present: np.ndarray | None = None

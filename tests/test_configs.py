@@ -205,6 +205,39 @@ MARBLE_SD35 = ROOT / "configs" / "marble_sd35.yaml"
 MIXED = ROOT / "configs" / "prompts" / "mixed"
 
 
+def marble_sd35_cli(config: Path, tmp_path: Path, tiny_sd3_path: Path, monkeypatch) -> MarbleCLI:
+    """A marble_sd35 config on the tiny model, run=False: one step on the CPU with the shipped
+    mixed set (GPU-only sizes swapped for tiny ones, the CLIP-based rewards for built-ins, ocr
+    and geneval for tiny random models)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = "build_tiny_if_missing: true, local_files_only: true"
+    specialists = (  # pickscore, hpsv2, clip_score -> built-ins; ocr, geneval -> tiny models
+        f"[brightness, saturation, compressibility, {{name: ocr, engine: trocr, {tiny}, "
+        f"pretrained_model_name_or_path: {tmp_path / 'trocr'}, max_new_tokens: 8}}, "
+        f"{{name: geneval, {tiny}, detector_size: null, "
+        f"detector_name_or_path: {tmp_path / 'm2f'}, clip_name_or_path: {tmp_path / 'clip'}}}]"
+    )
+    return MarbleCLI(
+        MarbleModule,
+        PromptDataModule,
+        seed_everything_default=0,
+        run=False,
+        args=[
+            "--config", str(config),
+            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
+            "--model.local_files_only=true", "--model.resolution=32",
+            "--model.max_sequence_length=16", "--model.weights_dtype=float32",
+            "--model.num_inference_steps=3", "--model.eval_num_inference_steps=2",
+            "--model.micro_batch_size=null",
+            f"--model.rewards={specialists}",
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
+            "--trainer.strategy=auto", "--trainer.precision=32-true", "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            f"--data.root={MIXED}", "--data.group_size=2",
+        ],
+    )  # fmt: skip
+
+
 def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     tmp_path, tiny_sd3_path, monkeypatch
 ):
@@ -218,33 +251,7 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     assert raw["data"]["stratified"] is True and raw["data"]["root"]
     assert (raw["trainer"]["num_nodes"], raw["trainer"]["devices"]) == (2, 8)
     assert raw["data"]["batch_size"] * 16 == 48 and raw["data"]["group_size"] == 24
-    monkeypatch.chdir(tmp_path)
-    tiny = "build_tiny_if_missing: true, local_files_only: true"
-    specialists = (  # pickscore, hpsv2, clip_score -> built-ins; ocr, geneval -> tiny models
-        f"[brightness, saturation, compressibility, {{name: ocr, engine: trocr, {tiny}, "
-        f"pretrained_model_name_or_path: {tmp_path / 'trocr'}, max_new_tokens: 8}}, "
-        f"{{name: geneval, {tiny}, detector_size: null, "
-        f"detector_name_or_path: {tmp_path / 'm2f'}, clip_name_or_path: {tmp_path / 'clip'}}}]"
-    )
-    cli = MarbleCLI(
-        MarbleModule,
-        PromptDataModule,
-        seed_everything_default=0,
-        run=False,
-        args=[
-            "--config", str(MARBLE_SD35),
-            f"--model.pretrained_model_name_or_path={tiny_sd3_path}",
-            "--model.local_files_only=true", "--model.resolution=32",
-            "--model.max_sequence_length=16", "--model.weights_dtype=float32",
-            "--model.num_inference_steps=3", "--model.eval_num_inference_steps=2",
-            "--model.micro_batch_size=null",
-            f"--model.rewards={specialists}",
-            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
-            "--trainer.strategy=auto", "--trainer.precision=32-true", "--trainer.max_steps=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            f"--data.root={MIXED}", "--data.group_size=2",
-        ],
-    )  # fmt: skip
+    cli = marble_sd35_cli(MARBLE_SD35, tmp_path, tiny_sd3_path, monkeypatch)
     hp = cli.model.hparams
     assert (hp.beta, hp.kl_beta, hp.a_max, hp.guidance_scale) == (0.1, 1e-4, 5.0, 1.0)
     assert (hp.lora_rank, hp.lora_alpha, hp.lora_init, hp.solver) == (32, 64.0, "gaussian", "dpm2")
@@ -253,6 +260,12 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
         10,
         1.0,
     )
+    # The official balance (issue 22): unit-norm QP, first micro-batch of every 10th step, EMA 0.7.
+    assert cli.model.balancer.normalization == "unit"
+    assert (hp.balance_on, hp.balance_warmup_steps) == ("first_micro_batch", 1)
+    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CoefficientEMA)]
+    assert (ema.ema.decay, ema.ema.bias_correction, ema.ema.start) == (0.7, False, "first")
+    assert (ema.guard, ema.apply) == ("off", "fresh_on_solve")
     assert [cli.model.sampling_decay(s) for s in (0, 100, 2000)] == [0.0, 0.1, 0.95]
     assert (hp.eval_ema_decay, raw["model"]["eval_num_inference_steps"]) == (0.9, 40)
     assert raw["model"]["num_inference_steps"] == 25 and raw["model"]["resolution"] == 512
@@ -268,3 +281,31 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     assert torch.isfinite(spy.first.grads).all()
     grids = list((tmp_path / "runs").rglob("samples/validation_step000001.png"))
     assert len(grids) == 1  # the grid took the mixed validation prompts (no prompt_file)
+
+
+def test_marble_sd35_equal_alpha_trains_a_step_with_one_over_k(
+    tmp_path, tiny_sd3_path, monkeypatch
+):
+    """configs/marble_sd35_equal_alpha.yaml: marble_sd35 with alpha = 1/5 on the per-reward
+    advantages (EqualAlpha), never solved; one step on the tiny model."""
+    from marble_pl.balancers import EqualAlpha
+
+    config = ROOT / "configs" / "marble_sd35_equal_alpha.yaml"
+    official, raw = yaml.safe_load(MARBLE_SD35.read_text()), yaml.safe_load(config.read_text())
+    for section in ("data", "trainer"):  # the same run but for the balance and its callbacks
+        assert set(raw[section]) == set(official[section]), section
+        same = {k: v for k, v in raw[section].items() if k not in ("logger", "callbacks")}
+        assert same == {k: official[section][k] for k in same}, section
+    differs = {k for k in official["model"] if official["model"].get(k) != raw["model"].get(k)}
+    assert differs == {"balancer", "gradient_space", "normalization", "balance_every_n_steps",
+                       "balance_on", "balance_warmup_steps"}  # fmt: skip
+    cli = marble_sd35_cli(config, tmp_path, tiny_sd3_path, monkeypatch)
+    assert isinstance(cli.model.balancer, EqualAlpha)
+    assert not any(isinstance(cb, CoefficientEMA) for cb in cli.trainer.callbacks)
+    spy = FirstStep()
+    cli.trainer.callbacks.append(spy)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 1 and spy.first is not None
+    assert spy.first.r_train.shape == spy.first.r.shape == (6, 5)  # one estimator per reward
+    assert spy.first.weights.tolist() == [0.2] * 5 and spy.first.balance is None
+    assert spy.logged[0]["lambda/ocr"] == pytest.approx(0.2)
