@@ -84,7 +84,8 @@ def update_direction(grads: Tensor, weights: Tensor) -> Tensor:
         raise ValueError(
             f"need one coefficient per gradient: {grads.shape[0]} gradients, weights {tuple(weights.shape)}"
         )
-    return weights.to(grads.dtype) @ grads
+    with torch.autocast(grads.device.type, enabled=False):  # in grads' dtype, not autocast's
+        return weights.to(grads.dtype) @ grads
 
 
 def masked_mean_weights(mask: Tensor, n_valid: Tensor) -> Tensor:

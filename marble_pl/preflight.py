@@ -99,6 +99,7 @@ class PreflightReport:
     peak_bytes: int = 0
     peak_kind: str = ""
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    taps: dict[str, float] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The report as markdown tables."""
@@ -136,6 +137,15 @@ class PreflightReport:
                 f"{self.estimate.get(phase, float('nan')):.1f} | "
                 f"{'n/a' if peak is None else f'{peak / GIB:.2f}'} |"
             )
+        if self.taps:
+            lines += [
+                "",
+                "| gramian taps: bytes per micro-batch | measured (MiB) | estimate at the "
+                "configured size (MiB) |",
+                "| --- | ---: | ---: |",
+                f"| {self.taps['run_pairs']:g} pairs (configured: {self.taps['pairs']:g}) | "
+                f"{self.taps['bytes'] / MIB:,.3f} | {self.taps['estimate'] / MIB:,.1f} |",
+            ]
         lines += [
             "",
             f"Peak memory ({self.peak_kind}): {self.peak_bytes / GIB:.2f} GiB.",
@@ -148,6 +158,14 @@ class PreflightReport:
             "overhead is scaled with the work (high, on small models): a rough guide, not a "
             "bound.",
         ]
+        if self.taps:
+            lines += [
+                "",
+                "gramian taps: the LoRA layers' inputs the per-sample taps hold from the forward "
+                "to the backward (the very tensors the layers save for their own backward, so "
+                "no extra copy); the estimate scales them by pairs per micro-batch, and the "
+                "image stream's by image tokens.",
+            ]
         return "\n".join(lines)
 
 
@@ -336,6 +354,31 @@ def _estimate(
     }
 
 
+def _taps_row(
+    module: Any, raw: dict[str, Any], run: dict[str, Any], cfg: dict[str, Any], tok: float
+) -> dict[str, float]:
+    """The ``gramian`` taps' bytes for one timed micro-batch and scaled to the configured one:
+    by pairs per micro-batch, and the image stream's inputs by image tokens (``tok``: the
+    configured over the timed image tokens; text tokens are the same); empty in other spaces."""
+    held = getattr(module, "gramian_tap_bytes", None)
+    if not held:
+        return {}
+    run_total = run["batch_size"] * run["group_size"] * run["timesteps"]
+    run_pairs = min(module.hparams.micro_batch_size or run_total, run_total)
+    total = cfg["batch_size"] * cfg["group_size"] * cfg["timesteps"]
+    micro = (raw.get("model") or {}).get("micro_batch_size", _defaults().get("micro_batch_size"))
+    pairs = min(micro or total, total)
+    return {
+        "bytes": sum(held.values()),
+        "run_pairs": run_pairs,
+        "pairs": pairs,
+        "estimate": sum(
+            b * pairs / run_pairs * (tok if n == run["image_tokens"] else 1.0)
+            for n, b in held.items()
+        ),
+    }
+
+
 def preflight(
     config: str | Path,
     *,
@@ -445,6 +488,8 @@ def preflight(
     )
     cell = module.vae_scale_factor * module.patch_size
     text_tokens = 77 + (configured["max_sequence_length"] or 0)
+    run["image_tokens"] = (resolution // cell) ** 2
+    tok = (configured["resolution"] // cell) ** 2 / run["image_tokens"]
     return PreflightReport(
         components=_component_rows(module),
         lora_params=sum(p.numel() for p in module.lora_params),
@@ -459,6 +504,7 @@ def preflight(
         peak_bytes=memory.overall,
         peak_kind=memory.kind,
         phase_peaks=dict(memory.peaks) if memory.per_phase else {},
+        taps=_taps_row(module, raw, run, configured, tok),
     )
 
 
