@@ -1502,6 +1502,12 @@ class MarbleModule(LightningModule):
             self._taps = LinearGradientTaps(self.transformer, self.lora_params)
         return self._taps
 
+    @property
+    def gramian_tap_bytes(self) -> dict[int, int]:
+        """The most bytes the ``gramian`` taps' inputs held for one micro-batch, by token count
+        (empty before any tapped forward): the tapped layers' own saved inputs."""
+        return dict(self._taps.peak_by_tokens) if self._taps is not None else {}
+
     @staticmethod
     def _error_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         """The loss kwargs :func:`~marble_pl.nft.nft_errors` takes (all but ``scale``)."""

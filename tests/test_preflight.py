@@ -52,7 +52,12 @@ def test_preflight_of_the_tiny_config(configs, tiny_sd3_path):
     assert report.estimate["rollout_s"] == pytest.approx(report.phases["rollout_s"] * 4 * 3)
     assert report.estimate["update_s"] == pytest.approx(report.phases["update_s"] * 4 * 3)
     assert report.estimate["reward_s"] == pytest.approx(report.phases["reward_s"] * 4)
+    # gramian taps: one timed micro-batch of 2 pairs; configured 12 pairs, same tokens.
+    taps = report.taps
+    assert taps["bytes"] > 0 and (taps["run_pairs"], taps["pairs"]) == (2, 12)
+    assert taps["estimate"] == pytest.approx(taps["bytes"] * 6)
     text = report.markdown()
+    assert "| gramian taps: bytes per micro-batch |" in text
     assert "| transformer | SD3Transformer2DModel |" in text and "| attn2.to_q | 1 |" in text
     assert (
         "| phase | measured (s) | estimate at the configured size (s) | peak memory (GiB) |" in text
