@@ -47,12 +47,16 @@ class GradientCosineMonitor(Callback):
     Gram: ``lambda_exact/<reward>`` and ``lambda_exact/gap`` (max absolute difference). In the
     exact spaces the weighted-sum direction costs one extra backward per step (K more for the
     baselines, which have no per-reward gradients). On steps that apply earlier coefficients
-    without a Gram (``balance_every_n_steps``) nothing is logged.
+    without a Gram (``balance_every_n_steps``) nothing of the above is logged; with
+    ``audit_between_steps`` those steps log exact parameter-space cosines with the update they
+    apply under ``cos_between/<reward>``, ``cos_between/min`` and
+    ``cos_between/frac_min_negative`` (K more backwards on each such step).
     The running counts are saved in checkpoints.
 
     Args:
         weights: the weighted-sum weights ``w`` (one per reward; uniform when None).
         audit_every_n_steps: exact parameter-space audit period in ``output`` space (0: never).
+        audit_between_steps: audit the steps between balanced ones too (exact cosines).
 
     Example (YAML)::
 
@@ -63,7 +67,10 @@ class GradientCosineMonitor(Callback):
     """
 
     def __init__(
-        self, weights: Sequence[float] | None = None, audit_every_n_steps: int = 0
+        self,
+        weights: Sequence[float] | None = None,
+        audit_every_n_steps: int = 0,
+        audit_between_steps: bool = False,
     ) -> None:
         if weights is not None and (
             len(weights) == 0 or any(w < 0 for w in weights) or sum(weights) <= 0
@@ -73,6 +80,9 @@ class GradientCosineMonitor(Callback):
             raise ConfigError(f"audit_every_n_steps must be >= 0, got {audit_every_n_steps}")
         self.weights = None if weights is None else list(weights)
         self.audit_every_n_steps = audit_every_n_steps
+        self.audit_between_steps = bool(audit_between_steps)
+        self.steps_between = 0
+        self.negative_between = 0
         self.steps = 0
         self.negative = 0
         self.negative_ws = 0
@@ -141,6 +151,21 @@ class GradientCosineMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(audit, step=trainer.global_step)
 
+    def on_marble_between(
+        self, trainer: Trainer, pl_module: LightningModule, cos: torch.Tensor, active: np.ndarray
+    ) -> None:
+        """Called by ``MarbleModule`` on a step between balanced ones (``audit_between_steps``)
+        with the exact cosines of every reward's gradient with the update it applies."""
+        keep = np.asarray(active, dtype=bool) & torch.isfinite(cos).cpu().numpy()
+        log = self._named("cos_between", pl_module.reward_names, cos, keep)
+        if keep.any():
+            self.steps_between += 1
+            self.negative_between += int(log["cos_between/min"] < -NEGATIVE_COS_TOL)
+        if self.steps_between:
+            log["cos_between/frac_min_negative"] = self.negative_between / self.steps_between
+        self.last = log
+        pl_module.log_dict(log, batch_size=cos.shape[0])
+
     @staticmethod
     def _coefficient_gap(
         pl_module: LightningModule,
@@ -192,9 +217,17 @@ class GradientCosineMonitor(Callback):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "negative": self.negative, "negative_ws": self.negative_ws}
+        return {
+            "steps": self.steps,
+            "negative": self.negative,
+            "negative_ws": self.negative_ws,
+            "steps_between": self.steps_between,
+            "negative_between": self.negative_between,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict["steps"])
         self.negative = int(state_dict["negative"])
         self.negative_ws = int(state_dict["negative_ws"])
+        self.steps_between = int(state_dict.get("steps_between", 0))
+        self.negative_between = int(state_dict.get("negative_between", 0))

@@ -50,6 +50,7 @@ from marble_pl.gradients import (
     GradientSpace,
     affine_combination,
     assign_flat_grad,
+    cosines,
     masked_mean_weights,
     parameter_grads,
     update_direction,
@@ -1060,7 +1061,7 @@ class MarbleModule(LightningModule):
             m = self._output_gram(stats, r, w)
         solved = self._solve_micro_batches(pairs, cond, r, w, present) if reuse == "micro" else None
         if reuse:
-            coefficients = self._previous_coefficients(present)
+            coefficients = self._previous_coefficients(present, between=reuse == "between")
         else:
             coefficients = self._coefficients(m, losses, present=present)
         raw, weights, result = coefficients
@@ -1088,6 +1089,8 @@ class MarbleModule(LightningModule):
 
         if monitors and reuse is None:
             notify(stats)
+        elif monitors and reuse == "between":
+            self._audit_between(monitors, pairs, cond, r, w, lam, each.present)
 
         # 8. ONE update along d = sum_k lambda_bar_k g_k (+ the KL gradient), all micro-batches.
         if direction is not None:
@@ -1395,19 +1398,48 @@ class MarbleModule(LightningModule):
         return value if value is not None else self.balancer.last_applied
 
     def _previous_coefficients(
-        self, present: np.ndarray | None = None
+        self, present: np.ndarray | None = None, between: bool = False
     ) -> tuple[np.ndarray, np.ndarray, None]:
         """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step).
 
         Restricted to the rewards ``present`` in this batch and renormalised (all zero when
-        none of them has weight: the update is skipped).
+        none of them has weight: the update is skipped). ``between`` balanced steps the
+        coefficient EMA's guard checks them on the last balanced Gram (stale; its
+        ``check_between``); the lagged balance has no Gram to check them on.
         """
         previous = np.asarray(self._previous_weights(), dtype=np.float64)
+        ema = self._coefficient_ema()
+        checked = ema.between(present) if between and ema is not None else None
+        if checked is not None:
+            return previous, checked, None
         if present is None or previous.shape != np.shape(present) or np.all(present):
             return previous, previous, None
         kept = np.where(present, previous, 0.0)
         total = float(kept.sum())
         return previous, kept / total if total > 0 else kept, None
+
+    def _audit_between(
+        self,
+        monitors: list[Any],
+        pairs: TrainingPairs,
+        cond: tuple[Tensor, Tensor],
+        r: Tensor,
+        w: Tensor | None,
+        lam: Tensor,
+        present: np.ndarray,
+    ) -> None:
+        """Exact cosines of a step between balanced ones with the update it applies, for the
+        monitors that ask (``audit_between_steps``): K more backwards on that step only."""
+        wanted = [cb for cb in monitors if getattr(cb, "audit_between_steps", False)]
+        if not wanted:
+            return
+        if w is None:
+            grads = self._all_reduce_mean(self.loss_grads(pairs, cond, r))
+        else:
+            grads = self._all_reduce_sum(self.loss_grads(pairs, cond, r, w))
+        cos = cosines(grads, update_direction(grads, lam.to(grads.dtype)))
+        for cb in wanted:
+            cb.on_marble_between(self.trainer, self, cos, np.asarray(present, dtype=bool))
 
     def optimizer_step_or_skip(self, opt: Any, trains: bool = True) -> bool:
         """Clip and step on the accumulated gradient; False when the update was skipped.
@@ -1593,6 +1625,9 @@ class MarbleModule(LightningModule):
         ema = self._coefficient_ema()
         if ema is not None and result is not None:
             log["lambda/guarded"] = float(ema.guarded)
+        if ema is not None:
+            log["lambda/guarded_between"] = float(ema.guarded_between)
+            log["lambda/guard_infeasible"] = float(ema.infeasible)
         log["rewards/nonfinite"] = float(self.counters["nonfinite_rewards"])
         log["updates/skipped_nonfinite"] = float(self.counters["skipped_nonfinite"])
         log["updates/skipped_zero_grad"] = float(self.counters["skipped_zero_grad"])

@@ -246,7 +246,11 @@ def test_checkpoint_round_trip_keeps_state_and_configured_guard() -> None:
     ema.update(first)
     ema.update(raw, m)
     state = ema.state_dict()
-    assert set(state) == {"decay", "bias_correction", "step", "m", "guarded"}
+    assert set(state) == {"decay", "bias_correction", "step", "m", "guarded"} | {
+        "guarded_between",  # the guard between balanced steps: tests/test_guard_margin.py
+        "infeasible",
+        "stale",
+    }
     resumed = CoefficientEMA(decay=0.9, guard="project")
     resumed.load_state_dict(state)
     assert resumed.guarded == ema.guarded == 1 and resumed.guard == "project"
