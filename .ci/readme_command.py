@@ -22,7 +22,9 @@ def setup_commands(text: str) -> dict[str, str]:
         raise SystemExit(f"README.md: the Set-up block must hold exactly two commands, got {lines}")
     main, test = lines
     if "marble fit" not in main or "pytest" not in test:
-        raise SystemExit(f"README.md: expected the `marble fit` command then the tests, got {lines}")
+        raise SystemExit(
+            f"README.md: expected the `marble fit` command then the tests, got {lines}"
+        )
     return {"main": main, "test": test}
 
 
