@@ -343,6 +343,10 @@ class MarbleModule(LightningModule):
             see these steps.
         balance_warmup_steps: with ``balance_on: first_micro_batch``, the steps that solve on
             every micro-batch (the authors' ``amortize_warmup``: 1).
+        clip_combined_advantage: where cached coefficients apply (between balanced steps, the
+            micro-batches that do not solve), clip the combined advantage ``sum_k lambda_k
+            A_k`` at ``a_max`` (the paper authors' amortized step) instead of combining the
+            per-reward clipped ones (False). The two differ only where some ``|A_k| > a_max``.
         eval_ema_decay: keep an EMA of the trained adapter (a third LoRA adapter, float32) and
             evaluate with it (validation, sample grids): ``decay_t = min((1 + t) / (10 + t),
             eval_ema_decay)`` after update ``t`` (1 for the first: 2/11), as DiffusionNFT's
@@ -408,6 +412,7 @@ class MarbleModule(LightningModule):
         balance_every_n_steps: int = 1,
         balance_on: BalanceOn = "batch",
         balance_warmup_steps: int = 1,
+        clip_combined_advantage: bool = False,
         eval_ema_decay: float | None = None,
         eval_num_inference_steps: int | None = None,
         seed: int = 0,
@@ -806,8 +811,12 @@ class MarbleModule(LightningModule):
         bad: Tensor,
         combine: np.ndarray | None = None,
         applicable: Tensor | None = None,
+        clip: bool = True,
     ) -> Tensor:
         """``r``: ``[N, K]``, one estimator per reward; or ``[N, 1]`` on ``R @ combine``.
+
+        ``clip=False``: ``r = 0.5 + 0.5 A / a_max`` without clipping ``A`` (outside ``[0, 1]``
+        where ``|A| > a_max``), for a combination clipped afterwards.
 
         ``combine`` is the weighted sum's ``w`` (a one-hot for ``single``). Dropped (non-finite)
         scores get their group's mean before the advantages and ``r = 0.5`` after. With
@@ -849,7 +858,7 @@ class MarbleModule(LightningModule):
             global_std=sigma,
             mask=keep,
         )
-        r = optimality(adv, hp.a_max)
+        r = optimality(adv, hp.a_max) if clip else 0.5 + 0.5 * adv / hp.a_max
         return torch.where(bad | ~mask, torch.full_like(r, 0.5), r)
 
     @staticmethod
@@ -1066,7 +1075,13 @@ class MarbleModule(LightningModule):
             coefficients = self._coefficients(m, losses, present=present)
         raw, weights, result = coefficients
         lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
-        r_bar, c = affine_combination(r, w, lam)  # the update's r and per-image weight
+
+        def unclipped() -> Tensor:  # r without the per-reward clip (clip_combined_advantage)
+            return self.optimality_probabilities(
+                rewards, group_ids, bad, None, applicable, clip=False
+            )
+
+        r_bar, c = self._combination(r, w, lam, reuse, unclipped)  # the update's r and weight
         mixes = None
         if solved is not None:  # the solving micro-batches apply their own fresh coefficients
             fresh, raw, result = solved
@@ -1352,6 +1367,23 @@ class MarbleModule(LightningModule):
         ):
             return "lagged"
         return None
+
+    def _combination(
+        self,
+        r: Tensor,
+        w: Tensor,
+        lam: Tensor,
+        reuse: str | None,
+        unclipped: Callable[[], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """``(r_bar, c)`` of the update (:func:`affine_combination`). With cached coefficients
+        (``between``, ``micro``) and ``clip_combined_advantage``: the combination of the
+        unclipped ``r`` clipped to ``[0, 1]``, i.e. ``clip(sum_k lambda_k A_k, a_max)`` (the paper
+        authors' amortized step)."""
+        if reuse not in ("between", "micro") or not self.hparams.clip_combined_advantage:
+            return affine_combination(r, w, lam)
+        r_bar, c = affine_combination(unclipped().to(r.dtype), w, lam)
+        return r_bar.clamp(0.0, 1.0), c
 
     @staticmethod
     def _as_lam(weights: np.ndarray, r: Tensor) -> Tensor:

@@ -263,6 +263,7 @@ def test_marble_sd35_is_the_official_recipe_and_trains_a_step_on_the_tiny_model(
     # The official balance (issue 22): unit-norm QP, first micro-batch of every 10th step, EMA 0.7.
     assert cli.model.balancer.normalization == "unit"
     assert (hp.balance_on, hp.balance_warmup_steps) == ("first_micro_batch", 1)
+    assert hp.clip_combined_advantage
     (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CoefficientEMA)]
     assert (ema.ema.decay, ema.ema.bias_correction, ema.ema.start) == (0.7, False, "first")
     assert (ema.guard, ema.apply) == ("off", "fresh_on_solve")
@@ -298,7 +299,7 @@ def test_marble_sd35_equal_alpha_trains_a_step_with_one_over_k(
         assert same == {k: official[section][k] for k in same}, section
     differs = {k for k in official["model"] if official["model"].get(k) != raw["model"].get(k)}
     assert differs == {"balancer", "gradient_space", "normalization", "balance_every_n_steps",
-                       "balance_on", "balance_warmup_steps"}  # fmt: skip
+                       "balance_on", "balance_warmup_steps", "clip_combined_advantage"}  # fmt: skip
     cli = marble_sd35_cli(config, tmp_path, tiny_sd3_path, monkeypatch)
     assert isinstance(cli.model.balancer, EqualAlpha)
     assert not any(isinstance(cb, CoefficientEMA) for cb in cli.trainer.callbacks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 from marble_pl.callbacks import CoefficientEMA
 from test_module import Recorder, fit, make_module
 
@@ -212,3 +213,55 @@ def test_first_micro_batch_module_solves_and_applies_fresh_then_cached(tiny_sd3_
 def test_balance_on_is_checked(tiny_sd3_path):
     with pytest.raises(ConfigError, match="balance_on"):
         make_module(tiny_sd3_path, balance_on="first")
+
+
+class Batches(Callback):
+    """Keeps each step's group ids."""
+
+    def __init__(self) -> None:
+        self.group_ids: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.group_ids.append(batch["group_ids"].clone())
+
+
+@pytest.mark.parametrize("clip_combined", [True, False])
+def test_amortized_step_clips_the_combined_advantage(tiny_sd3_path, monkeypatch, clip_combined):
+    """clip_combined_advantage: between balanced steps r_bar = clip(sum_k lambda_k A_k, a_max)
+    mapped to [0, 1] (the authors' amortized step); off: the per-reward clipped r combined."""
+    from marble_pl.advantages import group_advantages
+    from marble_pl.module import MarbleModule
+
+    a_max = 0.3  # small, so that many |A_k| exceed it
+    module = make_module(
+        tiny_sd3_path,
+        balance_every_n_steps=2,
+        gradient_space="gramian",
+        advantage_std="group",
+        a_max=a_max,
+        clip_combined_advantage=clip_combined,
+    )
+    seen: list[torch.Tensor] = []
+    original = MarbleModule.accumulate_update
+
+    def accumulate_update(self, pairs, cond, r_bar, *args, **kwargs):
+        seen.append(r_bar.clone())
+        return original(self, pairs, cond, r_bar, *args, **kwargs)
+
+    monkeypatch.setattr(MarbleModule, "accumulate_update", accumulate_update)
+    rec, batches = Recorder(), Batches()
+    fit(module, steps=2, callbacks=[rec, batches])
+    assert len(seen) == 1  # the balanced step applies its direction, the next one backwards
+    between = rec.records[1]
+    lam = torch.as_tensor(between.weights, dtype=torch.float64)
+    hp = module.hparams
+    adv = group_advantages(  # in the module's float32, as it computed them
+        between.rewards, batches.group_ids[1], eps=hp.advantage_eps, std="group"
+    ).double()
+    assert (adv.abs() > a_max).any()  # the case where the two differ
+    official = (0.5 + 0.5 * (adv @ lam).clamp(-a_max, a_max) / a_max).to(seen[0].dtype)
+    per_reward = (between.r.double() @ lam).to(seen[0].dtype)
+    assert (official - per_reward).abs().max() > 1e-3
+    expected = official if clip_combined else per_reward
+    # float32 r and weights: a few ulps of the [0, 1] values.
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
