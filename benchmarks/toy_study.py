@@ -77,9 +77,21 @@ large evaluation sample; mean ± std over seeds) and the seeds in which every re
 PNG per K shows the gains by row. Nothing is asserted or hard-coded: the tables are whatever the
 run measures.
 
+**Guard study** (``--guard-study``, K = 3 unless ``--k``): instead of the grid, the rows of
+:data:`GUARD_ROWS` in parameters space, which pick the EMA guard's default: no EMA; the paper
+authors' EMA constants (``ema07``: decay 0.7, no bias correction, first ``lambda*`` raw, no
+guard); the default guard (``project``); the margin guard (``margin``: every cosine >=
+``--guard-margin``); and with a balance every 10th step (``Variant.every``; in between the EMA's
+``between``: ``lambda_bar``, checked on the last balanced Gram where the mode checks it) the
+authors' own balance (``marble_unit`` / ``official``: the QP on unit-norm gradients, the fresh
+``lambda*`` on a solve, ``lambda_bar`` between), ``project`` with and without that stale check
+(``project_unchecked``) and ``margin``. Its table adds the worst cosine on the steps between
+balanced ones, below the margin, its 10th percentile and the mean of ``Δ_k / s_k``.
+
 Usage::
 
     python benchmarks/toy_study.py                       # the default grid, K = 3 and 5, 3 seeds
+    python benchmarks/toy_study.py --guard-study --seeds 0 1 2 3 4 5 6 7   # the guard's rows
     python benchmarks/toy_study.py --smoke --out /tmp/t  # seconds per K
     python benchmarks/toy_study.py --balancers weighted_sum marble --k 3   # a slice of the grid
 
@@ -150,9 +162,47 @@ BALANCERS: dict[str, dict[str, Any]] = {
         for name in ("UPGrad", "MGDA", "DualProj", "PCGrad", "IMTL-G", "Aligned-MTL")
     },
 }
+#: Balancers of the guard study only (``--guard-study``): the paper authors' QP on unit-norm
+#: gradients, its alpha applied to the raw advantages (``normalization: unit``).
+EXTRA_BALANCERS: dict[str, dict[str, Any]] = {
+    "marble_unit": {"class_path": "MinNormBalancer", "init_args": {"normalization": "unit"}},
+}
 SPACES = ("parameters", "gramian", "output")
-EMA_MODES = ("none", "off", "reset", "project")
+EMA_MODES = ("none", "off", "reset", "project", "margin", "project_unchecked", "ema07", "official")
 DEFAULT_EMA = ("none", "reset", "project")
+#: ``CoefficientEMA`` settings of each EMA mode (``none``: no EMA). ``decay`` defaults to
+#: ``--coef-decay`` and ``margin`` to ``--guard-margin``; ``project_unchecked`` differs from
+#: ``project`` between balanced steps only (``lambda_bar`` applied without the stale check);
+#: ``ema07`` is the paper authors' EMA constants applied as marble-pl applies ``lambda_bar``;
+#: ``official`` their alpha EMA exactly (the fresh ``lambda*`` on a solve, ``lambda_bar`` between).
+EMA_SETTINGS: dict[str, dict[str, Any]] = {
+    "off": {"guard": "off"},
+    "reset": {"guard": "reset"},
+    "project": {"guard": "project"},
+    "margin": {"guard": "project", "margin": None},
+    "project_unchecked": {"guard": "project", "check_between": False},
+    "ema07": {"decay": 0.7, "bias_correction": False, "start": "first", "guard": "off"},
+    "official": {
+        "decay": 0.7,
+        "bias_correction": False,
+        "start": "first",
+        "guard": "off",
+        "apply": "fresh_on_solve",
+    },
+}
+#: The guard study's rows (``--guard-study``, K = 3, parameters space): (balancer, EMA mode,
+#: balance every n steps).
+GUARD_ROWS: tuple[tuple[str, str, int], ...] = (
+    ("marble", "none", 1),
+    ("marble", "ema07", 1),
+    ("marble", "project", 1),
+    ("marble", "margin", 1),
+    ("marble_unit", "official", 10),
+    ("marble", "official", 10),
+    ("marble", "project_unchecked", 10),
+    ("marble", "project", 10),
+    ("marble", "margin", 10),
+)
 #: Reward scales for K rewards: the first K of these, repeated beyond 5.
 SCALE_CYCLE = (1.0, 0.3, 0.1, 0.5, 0.2)
 #: A worst cosine counts as negative below this: a zero inner product's round-off is not a
@@ -172,13 +222,16 @@ class Variant:
     balancer: str
     space: str | None = None
     ema: str | None = None
+    every: int = 1
+    """Balance every n-th step; in between, the EMA's ``lambda_bar`` (``between``) applies."""
 
     @property
     def key(self) -> str:
-        """``balancer/space/ema`` (``weighted_sum`` alone)."""
+        """``balancer/space/ema`` (``weighted_sum`` alone), ``/every<n>`` for a cadence."""
         if self.space is None:
             return self.balancer
-        return f"{self.balancer}/{self.space}/{self.ema}"
+        tail = f"/every{self.every}" if self.every > 1 else ""
+        return f"{self.balancer}/{self.space}/{self.ema}{tail}"
 
 
 @dataclass
@@ -213,6 +266,8 @@ class ToyConfig:
     advantage_std: str = "global"
     old_decay: float = 0.5
     coef_decay: float = 0.9
+    guard_margin: float = 0.05
+    guard_study: bool = False
     clip_norm: float = 1.0
     eval_samples: int = 2048
     threads: int = 1
@@ -232,7 +287,10 @@ class ToyConfig:
 
 
 def variants(cfg: ToyConfig) -> list[Variant]:
-    """The grid's rows: mixing balancers once, Gram balancers x spaces x EMA modes."""
+    """The grid's rows: mixing balancers once, Gram balancers x spaces x EMA modes (the guard
+    study: :data:`GUARD_ROWS` in parameters space)."""
+    if cfg.guard_study:
+        return [Variant(b, "parameters", e, n) for b, e, n in GUARD_ROWS if b in cfg.balancers]
     rows: list[Variant] = []
     for name in cfg.balancers:
         if BALANCERS[name]["class_path"] == "WeightedSum":
@@ -248,7 +306,7 @@ def variants(cfg: ToyConfig) -> list[Variant]:
 
 def make_balancer(name: str, k: int) -> Balancer:
     """The library balancer of row ``name``, bound to ``k`` rewards."""
-    balancer = resolve_balancer(copy.deepcopy(BALANCERS[name]))
+    balancer = resolve_balancer(copy.deepcopy({**BALANCERS, **EXTRA_BALANCERS}[name]))
     balancer.bind([f"reward{i}" for i in range(k)])
     return balancer
 
@@ -488,7 +546,7 @@ def run_variant(
     old_params = old.lora_params()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     use_ema = mix is None and variant.ema not in (None, "none")
-    ema = CoefficientEMA(decay=cfg.coef_decay, guard=variant.ema) if use_ema else None
+    ema = make_ema(variant.ema, cfg) if use_ema else None
     taps = LinearGradientTaps(policy, params) if variant.space == "gramian" else None
     torch.manual_seed(40_000 + seed)  # PCGrad's projection order: torch's global generator
     gen = torch.Generator().manual_seed(20_000 + seed)
@@ -503,9 +561,11 @@ def run_variant(
         "weights_raw": [],
         "fallback": [],
         "gram_gap": [],
+        "balanced": [],
     }
+    last_raw: np.ndarray | None = None
     kw: dict[str, Any] = {"adaptive_weight": True, "scale": cfg.a_max / cfg.beta}
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         noise = torch.randn(prompt.shape[0], 2, generator=gen)
         x0 = sample(old, prompt, noise, cfg.sampler_steps)
         rewards = task.rewards(x0)
@@ -551,7 +611,18 @@ def run_variant(
         rec["gram_gap"].append(gram_gap)
 
         guarded = False
-        if mix is None:
+        balanced = mix is None and (step % variant.every == 0 or last_raw is None)
+        if mix is None and not balanced:  # between balanced steps: no solve, lambda_bar
+            lam = last_raw
+            if ema is not None:
+                before = ema.guarded_between
+                lam = ema.between()
+                guarded = ema.guarded_between > before
+            applied = update_direction(grads, torch.from_numpy(np.asarray(lam)))
+            rec["weights"].append(np.asarray(lam).tolist())
+            rec["weights_raw"].append(np.asarray(last_raw).tolist())
+            rec["fallback"].append(False)
+        elif mix is None:
             if variant.space == "output":
                 stats = nft_output_stats(v_theta, v_old, v_target, cfg.beta, t=t, **kw)
                 m_bal = output_gram(stats, r)
@@ -565,6 +636,7 @@ def run_variant(
                 lam = ema.update(res.weights, m_np)
                 guarded = ema.guarded > before
             applied = update_direction(grads, torch.from_numpy(np.asarray(lam)))
+            last_raw = np.asarray(res.weights, dtype=np.float64)
             rec["weights"].append(np.asarray(lam).tolist())
             rec["weights_raw"].append(res.weights.tolist())
             rec["fallback"].append(bool(res.fallback))
@@ -574,6 +646,7 @@ def run_variant(
             rec["fallback"].append(False)
         assert applied is not None
         rec["guarded"].append(guarded)
+        rec["balanced"].append(bool(balanced or mix is not None))
         rec["cos"].append(cosines(grads, applied).tolist())
 
         norm = float(applied.norm())
@@ -584,7 +657,16 @@ def run_variant(
         opt.step()
         _ema_(old_params, params, cfg.old_decay)
     rec["final_eval"] = _evaluate(old, task, cfg, seed).tolist()
+    rec["infeasible"] = 0 if ema is None else ema.infeasible
     return rec
+
+
+def make_ema(mode: str, cfg: ToyConfig) -> CoefficientEMA:
+    """The library's coefficient EMA of EMA mode ``mode`` (:data:`EMA_SETTINGS`)."""
+    kwargs = {"decay": cfg.coef_decay, **EMA_SETTINGS[mode]}
+    if kwargs.get("margin", 0.0) is None:
+        kwargs["margin"] = cfg.guard_margin
+    return CoefficientEMA(**kwargs)
 
 
 def _evaluate(model: VelocityField, task: ToyTask, cfg: ToyConfig, seed: int) -> Tensor:
@@ -651,7 +733,9 @@ def run_grid(cfg: ToyConfig, rows: Sequence[Variant]) -> list[dict[str, Any]]:
 # --- summaries and reports --------------------------------------------------------------------
 
 
-def _seed_summary(run: dict[str, Any], key: str, tail: int) -> dict[str, Any]:
+def _seed_summary(
+    run: dict[str, Any], key: str, tail: int, cfg: ToyConfig | None = None
+) -> dict[str, Any]:
     rec = run[key]
     means = np.asarray(rec["reward_mean"])
     worst = np.asarray(rec["cos"]).min(axis=1)
@@ -673,6 +757,28 @@ def _seed_summary(run: dict[str, Any], key: str, tail: int) -> dict[str, Any]:
         "delta_eval": (np.asarray(rec["final_eval"]) - np.asarray(run["initial"])).tolist(),
         "fallbacks": int(np.sum(rec["fallback"])),
         "max_gram_gap": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else None,
+        **_guard_figures(rec, worst, final - np.asarray(run["initial"]), cfg),
+    }
+
+
+def _guard_figures(
+    rec: dict[str, Any], worst: np.ndarray, delta: np.ndarray, cfg: ToyConfig | None
+) -> dict[str, Any]:
+    """The guard study's figures: worst cos < 0 on the steps between balanced ones (None
+    without any), worst cos below the margin, its 10th percentile, the mean of Δ_k / scale_k
+    and the guard's infeasible count."""
+    between = ~np.asarray(rec.get("balanced", [True] * len(worst)), dtype=bool)
+    margin = 0.05 if cfg is None else cfg.guard_margin
+    scales = np.ones_like(delta) if cfg is None else np.asarray(cfg.reward_scales)
+    return {
+        "frac_neg_between": float((worst[between] < -NEG_COS_TOL).mean())
+        if between.any()
+        else None,
+        "between_steps": int(between.sum()),
+        "frac_below_margin": float((worst < margin - 1e-6).mean()),
+        "p10_worst_cos": float(np.percentile(worst, 10)),
+        "scaled_delta": float(np.mean(delta / scales)),
+        "infeasible": int(rec.get("infeasible", 0)),
     }
 
 
@@ -691,7 +797,7 @@ def summarize(runs: Sequence[dict[str, Any]], cfg: ToyConfig, rows: Sequence[Var
     tail = max(1, int(round(0.1 * cfg.steps)))
     summary: dict[str, Any] = {"k": cfg.k, "tail_steps": tail, "rows": {}}
     for v in rows:
-        per_seed = [_seed_summary(run, v.key, tail) for run in runs]
+        per_seed = [_seed_summary(run, v.key, tail, cfg) for run in runs]
         agg: dict[str, Any] = {
             "balancer": v.balancer,
             "space": v.space,
@@ -710,6 +816,11 @@ def summarize(runs: Sequence[dict[str, Any]], cfg: ToyConfig, rows: Sequence[Var
         agg["min_worst_cos"] = float(min(s["min_worst_cos"] for s in per_seed))
         gaps = [s["max_gram_gap"] for s in per_seed if s["max_gram_gap"] is not None]
         agg["max_gram_gap"] = max(gaps) if gaps else None
+        agg["every"] = v.every
+        for key in ("frac_below_margin", "p10_worst_cos", "scaled_delta", "frac_neg_between"):
+            vals = np.asarray([s[key] for s in per_seed if s[key] is not None], dtype=np.float64)
+            agg[key] = {"mean": float(vals.mean()), "std": float(vals.std())} if vals.size else None
+        agg["infeasible"] = int(sum(s["infeasible"] for s in per_seed))
         summary["rows"][v.key] = agg
     summary["gramian_check"] = _gramian_check(summary, rows)
     return summary
@@ -791,9 +902,77 @@ def format_table(summary: dict[str, Any], cfg: ToyConfig) -> str:
     return "\n".join(lines)
 
 
+def format_guard_table(summary: dict[str, Any], cfg: ToyConfig) -> str:
+    """Markdown table of the guard study: one row per (balancer, EMA mode, cadence)."""
+    k, n, margin = cfg.k, len(cfg.seeds), cfg.guard_margin
+    head = [
+        "balancer",
+        "EMA",
+        "balance every",
+        "worst cos < 0",
+        "worst cos < 0, between steps",
+        f"worst cos < {margin:g}",
+        "median worst cos",
+        "10th pct worst cos",
+        "guard fired",
+        "λ change per step (L1)",
+        *[f"Δ reward {i} (scale {cfg.reward_scales[i]:g})" for i in range(k)],
+        "mean Δ / scale",
+        f"seeds with every Δ > 0 (of {n})",
+    ]
+    lines = [_row(head), "|" + "---|" * len(head)]
+    for agg in summary["rows"].values():
+        unguarded = agg["ema"] in ("none", "off", "ema07", "official")
+        guard = agg["frac_guarded"]
+        between = agg["frac_neg_between"]
+        cells = [
+            agg["balancer"],
+            agg["ema"],
+            str(agg["every"]),
+            _pm(agg["frac_neg_worst_cos"]["mean"], agg["frac_neg_worst_cos"]["std"], ".3f", ".3f"),
+            "—" if between is None else _pm(between["mean"], between["std"], ".3f", ".3f"),
+            _pm(agg["frac_below_margin"]["mean"], agg["frac_below_margin"]["std"], ".3f", ".3f"),
+            _pm(agg["median_worst_cos"]["mean"], agg["median_worst_cos"]["std"], "+.3f", ".3f"),
+            _pm(agg["p10_worst_cos"]["mean"], agg["p10_worst_cos"]["std"], "+.3f", ".3f"),
+            "—" if unguarded else _pm(guard["mean"], guard["std"], ".3f", ".3f"),
+            f"{agg['weight_jitter']['mean']:.3f}",
+            *[_pm(agg["delta"]["mean"][i], agg["delta"]["std"][i]) for i in range(k)],
+            _pm(agg["scaled_delta"]["mean"], agg["scaled_delta"]["std"]),
+            str(agg["seeds_all_rewards_up"]),
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _guard_caption(summary: dict[str, Any], cfg: ToyConfig) -> str:
+    infeasible = {key: a["infeasible"] for key, a in summary["rows"].items() if a["infeasible"]}
+    return (
+        f"### Guard study, K = {cfg.k} rewards (scales {cfg.reward_scales})\n\n"
+        f"{cfg.prompts} prompts x {cfg.group_size} rollouts, {cfg.steps} steps, "
+        f"{len(cfg.seeds)} seeds ({cfg.seeds[0]}..{cfg.seeds[-1]}), parameters space, "
+        f"coefficient EMA decay {cfg.coef_decay} (bias-corrected) unless the mode says "
+        f"otherwise, margin {cfg.guard_margin}; mean ± std over seeds. EMA modes: none (raw "
+        f"lambda* every step), ema07 (decay 0.7, no bias correction, first lambda* raw, no "
+        f"guard, lambda_bar applied), official (the same EMA, the fresh lambda* applied on a "
+        f"solve and lambda_bar between solves: the paper authors'), project (the default "
+        f"guard; between balanced steps checked on the last balanced Gram), project_unchecked "
+        f"(lambda_bar unchecked between balanced steps), margin (project with cos >= "
+        f"{cfg.guard_margin}). marble_unit: the QP on unit-norm gradients, its alpha on the raw "
+        f"advantages. Worst cos: min over rewards of the exact cos(g_k, applied update), every "
+        f"step (between steps too); worst cos < 0 below -{NEG_COS_TOL:g}. mean Δ / scale: the "
+        f"mean over rewards of Δ_k / s_k. Δ = mean rollout reward over the last "
+        f"{summary['tail_steps']} steps minus the base model's mean on {cfg.eval_samples} "
+        f"evaluation samples. Margin guard infeasible (lambda* applied): "
+        + (", ".join(f"{key}: {n}" for key, n in infeasible.items()) if infeasible else "never")
+        + ".\n\n"
+    )
+
+
 def format_results(summary: dict[str, Any], cfg: ToyConfig) -> str:
     """The report of one K: caption, table, the gramian check and the fallbacks."""
     k = cfg.k
+    if cfg.guard_study:
+        return _guard_caption(summary, cfg) + format_guard_table(summary, cfg) + "\n"
     text = (
         f"### K = {k} rewards (scales {cfg.reward_scales})\n\n"
         f"{cfg.prompts} prompts x {cfg.group_size} rollouts, {cfg.steps} steps, seeds "
@@ -903,7 +1082,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         "--k",
         type=int,
         nargs="+",
-        default=d.ks,
+        default=None,
         help="numbers of rewards, one table each (scales: the first K of 1 0.3 0.1 0.5 0.2)",
     )
     p.add_argument(
@@ -914,7 +1093,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         help="one scale per reward: a single K = their number (overrides --k)",
     )
     p.add_argument(
-        "--balancers", nargs="+", choices=list(BALANCERS), default=d.balancers, help="balancers"
+        "--balancers",
+        nargs="+",
+        choices=[*BALANCERS, *EXTRA_BALANCERS],
+        default=d.balancers,
+        help="balancers",
     )
     p.add_argument("--spaces", nargs="+", choices=SPACES, default=d.spaces, help="Gram spaces")
     p.add_argument(
@@ -958,6 +1141,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
     )
     p.add_argument("--old-decay", type=float, default=d.old_decay, help="v_old EMA decay")
     p.add_argument("--coef-decay", type=float, default=d.coef_decay, help="coefficient EMA mu")
+    p.add_argument(
+        "--guard-margin",
+        type=float,
+        default=d.guard_margin,
+        help="smallest cosine the margin guard accepts (EMA mode margin)",
+    )
+    p.add_argument(
+        "--guard-study",
+        action="store_true",
+        help="the guard study's rows instead of the grid (official EMA, guards, cadence 10; "
+        "K = 3 unless --k)",
+    )
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="evaluation samples")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads per process")
     p.add_argument(
@@ -977,6 +1172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
             p.error("--reward-scales needs at least two positive scales (one per reward)")
         ks, scales = [len(a.reward_scales)], list(a.reward_scales)
     else:
+        a.k = a.k or ([3] if a.guard_study else d.ks)
         if any(k < 2 for k in a.k):
             p.error("--k needs numbers of rewards >= 2")
         ks = list(dict.fromkeys(a.k))
@@ -1005,10 +1201,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ToyConfig, Path]:
         advantage_std=a.advantage_std,
         old_decay=a.old_decay,
         coef_decay=a.coef_decay,
+        guard_margin=a.guard_margin,
+        guard_study=a.guard_study,
         eval_samples=a.eval_samples,
         threads=a.threads,
         jobs=a.jobs if a.jobs > 0 else _usable_cores(),
     )
+    if a.guard_study and a.balancers == d.balancers:
+        cfg.balancers = list(dict.fromkeys(b for b, _, _ in GUARD_ROWS))
     if a.smoke:
         cfg.seeds = cfg.seeds[:1]
         cfg.steps = min(cfg.steps, 12)

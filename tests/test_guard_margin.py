@@ -227,3 +227,33 @@ def test_module_between_steps_apply_the_emas_checked_coefficients(tiny_sd3_path)
     assert monitor.last["cos_between/min"] == min(cos) and all(-1 <= c <= 1 for c in cos)
     frac = monitor.last["cos_between/frac_min_negative"]
     assert frac == monitor.negative_between / 2
+
+
+def test_toy_study_guard_rows_smoke(tmp_path) -> None:
+    """``benchmarks/toy_study.py --guard-study --smoke``: every row of GUARD_ROWS, the between-
+    step fraction only where there are steps between balanced ones, no conflict with the guards
+    at every step, and the margin row's worst cosine at or above the margin unless flagged."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_study.py"
+    spec = importlib.util.spec_from_file_location("_bench_toy_study_guard", path)
+    assert spec is not None and spec.loader is not None
+    toy = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = toy
+    spec.loader.exec_module(toy)
+    out = tmp_path / "guard"
+    summary = toy.main(["--guard-study", "--smoke", "--jobs", "1", "--out", str(out)])["by_k"][3]
+    keys = [toy.Variant(b, "parameters", e, n).key for b, e, n in toy.GUARD_ROWS]
+    assert list(summary["rows"]) == keys
+    for key, agg in summary["rows"].items():
+        every = agg["every"]
+        assert (agg["frac_neg_between"] is None) == (every == 1), key
+        if every == 1 and agg["ema"] in ("none", "project", "margin"):
+            assert agg["frac_neg_worst_cos"]["mean"] == 0.0, key
+    margin = summary["rows"]["marble/parameters/margin"]
+    if margin["infeasible"] == 0:
+        assert margin["frac_below_margin"]["mean"] == 0.0
+    text = (out / "results_k3.md").read_text()
+    assert "### Guard study, K = 3" in text and text.count("\n| marble") == len(keys)
