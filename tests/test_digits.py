@@ -7,28 +7,26 @@ import math
 from pathlib import Path
 
 import pytest
+import sklearn  # noqa: F401  (in the test extra: a missing scikit-learn fails, never skips)
 import torch
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 
-pytest.importorskip("sklearn")
-
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-
-from marble_pl.cli import main  # noqa: E402
-from marble_pl.data import read_sources, resolve_sources  # noqa: E402
-from marble_pl.digits.data import (  # noqa: E402
+from marble_pl.cli import main
+from marble_pl.data import read_sources, resolve_sources
+from marble_pl.digits.data import (
     digit_images,
     prompted_digit,
     prompted_style,
     stroke_styles,
 )
-from marble_pl.digits.pretrain import (  # noqa: E402
+from marble_pl.digits.pretrain import (
     MARKER,
     digits_sd3_is_complete,
     ensure_digits_sd3,
     settings_for,
 )
-from marble_pl.rewards import build_rewards  # noqa: E402
+from marble_pl.rewards import build_rewards
 from marble_pl.rewards import digits as _digits  # noqa: E402, F401  (registers the names)
 
 ROOT = Path(__file__).resolve().parents[1]

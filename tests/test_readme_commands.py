@@ -44,7 +44,7 @@ def test_test_extra_installs_what_the_tests_import():
         "optional-dependencies"
     ]
     names = {d.split(">")[0].split("=")[0].split("[")[0].split("!")[0] for d in extras["test"]}
-    for needed in ("pytest", "torchjd", "scipy", "matplotlib", "pyyaml"):
+    for needed in ("pytest", "torchjd", "scipy", "matplotlib", "pyyaml", "scikit-learn"):
         assert needed in names, needed
     for balancer_dep in extras["balancers"]:
         assert balancer_dep in extras["test"], balancer_dep
