@@ -24,11 +24,15 @@ def _readme_command(which: str) -> str:
 
 def test_ci_runs_the_readme_test_command_as_written():
     test = _readme_command("test")
-    assert test == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+    assert test == (
+        'pip install torch==2.13.0 && pip install -e ".[test]" && ruff check . && '
+        "ruff format --check . && python -m pytest -q"
+    )
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'test_command="$(python3 .ci/readme_command.py test)"' in ci
-    assert 'bash -euo pipefail -c "$test_command"' in ci
-    assert "pytest" not in ci.split('bash -euo pipefail -c "$test_command"')[1]  # no second run
+    # the README's command is the LAST thing CI does, and CI installs nothing of its own
+    assert ci.rstrip().endswith('bash -euo pipefail -c "$test_command"')
+    assert "pip install" not in ci and "pytest" not in ci.replace("pytest exits 5", "")
 
 
 def test_readme_main_command_runs_the_tiny_config():
@@ -44,7 +48,7 @@ def test_test_extra_installs_what_the_tests_import():
         "optional-dependencies"
     ]
     names = {d.split(">")[0].split("=")[0].split("[")[0].split("!")[0] for d in extras["test"]}
-    for needed in ("pytest", "torchjd", "scipy", "matplotlib", "pyyaml", "scikit-learn"):
+    for needed in ("ruff", "pytest", "torchjd", "scipy", "matplotlib", "pyyaml", "scikit-learn"):
         assert needed in names, needed
     for balancer_dep in extras["balancers"]:
         assert balancer_dep in extras["test"], balancer_dep
