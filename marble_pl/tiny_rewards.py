@@ -154,19 +154,11 @@ def _coco_id2label() -> dict[int, str]:
     return dict(enumerate(COCO_CLASSES))
 
 
-def _build_mask2former(path: Path, seed: int) -> None:
-    """A tiny random Mask2Former (Swin backbone) over COCO's 80 classes and its processor.
+def tiny_mask2former_config(num_queries: int, id2label: dict[int, str]) -> Any:
+    """The tiny Mask2Former's config: a Swin backbone of width 16, 32-wide heads, 64 px images."""
+    from transformers import Mask2FormerConfig
 
-    The class head is drawn wide (std 4) so that some of its 8 queries clear GenEval's 0.3
-    confidence on some images: the masks, boxes and CLIP colour path run, not only "nothing
-    found".
-    """
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-    from transformers.models.mask2former.image_processing_pil_mask2former import (
-        Mask2FormerImageProcessorPil,
-    )
-
-    config = Mask2FormerConfig(
+    return Mask2FormerConfig(
         backbone_config={
             "model_type": "swin",
             "embed_dim": 16,
@@ -184,9 +176,24 @@ def _build_mask2former(path: Path, seed: int) -> None:
         decoder_layers=2,
         num_attention_heads=2,
         dim_feedforward=64,
-        num_queries=8,
-        id2label=_coco_id2label(),
+        num_queries=num_queries,
+        id2label=id2label,
     )
+
+
+def _build_mask2former(path: Path, seed: int) -> None:
+    """A tiny random Mask2Former (Swin backbone) over COCO's 80 classes and its processor.
+
+    The class head is drawn wide (std 4) so that some of its 8 queries clear GenEval's 0.3
+    confidence on some images: the masks, boxes and CLIP colour path run, not only "nothing
+    found".
+    """
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former.image_processing_pil_mask2former import (
+        Mask2FormerImageProcessorPil,
+    )
+
+    config = tiny_mask2former_config(8, _coco_id2label())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Mask2FormerForUniversalSegmentation(config).eval()
@@ -198,7 +205,7 @@ def _build_mask2former(path: Path, seed: int) -> None:
     )
 
 
-def _build_clip(path: Path, seed: int) -> None:
+def build_tiny_clip(path: Path, seed: int) -> None:
     """A tiny random ``CLIPModel`` with the byte-level CLIP tokenizer and CLIP's preprocessing."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -249,4 +256,4 @@ def ensure_tiny_mask2former(path: str | os.PathLike[str], seed: int = 0) -> Path
 def ensure_tiny_clip(path: str | os.PathLike[str], seed: int = 1) -> Path:
     """A tiny random ``CLIPModel`` with tokenizer and processor config at ``path`` (GenEval's
     colour classifier); built unless already whole."""
-    return ensure_tiny(path, lambda p: _build_clip(p, seed), (_PREPROCESSOR, _TOKENIZER))
+    return ensure_tiny(path, lambda p: build_tiny_clip(p, seed), (_PREPROCESSOR, _TOKENIZER))

@@ -3,7 +3,6 @@ Mask2Former and CLIP models, the remote reward against a local HTTP server, and 
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 import threading
@@ -42,6 +41,7 @@ from marble_pl.rewards.geneval_rules import (
 )
 from marble_pl.rewards.geneval_server import make_server
 from marble_pl.rewards.pretrained import RewardLoadError
+from marble_pl.tiny_rewards import build_tiny_clip, tiny_mask2former_config
 
 # ------------------------------------------------------------------ the rules
 
@@ -267,33 +267,14 @@ CUP = COCO_CLASSES.index("cup")
 def tiny_detector(path: Path) -> Path:
     """A tiny random Mask2Former (Swin backbone) whose one query predicts "cup", with COCO's
     id2label and a small image processor, saved as a hub repo is."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    from transformers import Mask2FormerForUniversalSegmentation
     from transformers.models.mask2former.image_processing_pil_mask2former import (
         Mask2FormerImageProcessorPil,
     )
 
     coco = [_COCO_HF.get(name, name) for name in COCO_CLASSES]
-    config = Mask2FormerConfig(
-        backbone_config={
-            "model_type": "swin",
-            "embed_dim": 16,
-            "depths": [1, 1, 1, 1],
-            "num_heads": [1, 1, 2, 2],
-            "window_size": 4,
-            "image_size": 64,
-            "out_features": ["stage1", "stage2", "stage3", "stage4"],
-        },
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        dim_feedforward=64,
-        num_queries=1,  # one detection per image: the colour path runs
-        id2label=dict(enumerate(coco)),
-    )
+    # one query: one detection per image, so the colour path runs
+    config = tiny_mask2former_config(1, dict(enumerate(coco)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Mask2FormerForUniversalSegmentation(config).eval()
@@ -307,39 +288,9 @@ def tiny_detector(path: Path) -> Path:
 
 
 def tiny_clip(path: Path) -> Path:
-    """A tiny random CLIPModel with the byte-level tokenizer and CLIP's preprocessing."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from marble_pl.models import tiny_clip_tokenizer
-    from marble_pl.rewards.pretrained import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    tok = tiny_clip_tokenizer()
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **common,
-        ),
-        vision_config=dict(image_size=32, patch_size=8, **common),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        CLIPModel(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "size": {"shortest_edge": 32},
-        "crop_size": {"height": 32, "width": 32},
-        "resample": 3,
-        "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": list(OPENAI_CLIP_STD),
-    }
-    (path / "preprocessor_config.json").write_text(json.dumps(processor))
+    """A tiny random CLIPModel with the byte-level tokenizer and CLIP's preprocessing (seed 1)."""
+    path.mkdir(parents=True, exist_ok=True)
+    build_tiny_clip(path, seed=1)
     return path
 
 
