@@ -640,15 +640,18 @@ class PromptDataModule(LightningDataModule):
                     "data.train_file is not set: training needs a prompt file (or data.root)"
                 )
             prompts, metadata = self._read("data.train_file", self.train_file)
-            if len(prompts) < self.batch_size:
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} is more than the {len(prompts)} prompts "
-                    f"in data.train_file {self.train_file!r}: set data.batch_size to at most "
-                    f"{len(prompts)}, or add prompts to the file"
-                )
+            self._check_batch_fits(len(prompts), f"in data.train_file {self.train_file!r}")
             self.train_dataset = PromptDataset(prompts, metadata)
         if stage in ("fit", "validate") and self.val_file is not None and self.val_dataset is None:
             self.val_dataset = IndexedPromptDataset(*self._read("data.val_file", self.val_file))
+
+    def _check_batch_fits(self, n: int, where: str) -> None:
+        """A step needs ``batch_size`` distinct prompts from the training set."""
+        if n < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is more than the {n} prompts {where}: set "
+                f"data.batch_size to at most {n}, or add prompts"
+            )
 
     def _read(self, setting: str, path: str) -> tuple[list[str], list[dict[str, Any]]]:
         """:func:`read_prompt_records`, its error prefixed with the setting that names the file."""
@@ -670,12 +673,9 @@ class PromptDataModule(LightningDataModule):
             )
             if self.stratified:
                 stratified_per_source(self.batch_size, self._world()[0], sizes)
-            elif len(prompts) < self.batch_size:
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} is more than the {len(prompts)} "
-                    f"prompts of split {self.train_split!r} under data.root {self.root!r}: set "
-                    f"data.batch_size to at most {len(prompts)}, or add prompts"
-                )
+            else:
+                where = f"of split {self.train_split!r} under data.root {self.root!r}"
+                self._check_batch_fits(len(prompts), where)
             self.train_dataset = PromptDataset(prompts, metadata)
             self._train_sizes = sizes
         if val:
