@@ -31,6 +31,14 @@ RANDOM_WEIGHTS_FLAG = "--random-weights"
 RANDOM_WEIGHTS_ARG = "--model.random_weights=true"
 """``marble fit --random-weights``: every model at its real architecture with random weights."""
 
+TOOLS = {
+    "export": ("marble_pl.export", False),
+    "preflight": ("marble_pl.preflight", True),
+    "evaluate": ("marble_pl.evaluate", True),
+}
+"""``marble <tool> ...`` beside Lightning's subcommands: its module (with a ``main(argv)``), and
+whether library notices are filtered as for ``fit``."""
+
 
 def __getattr__(name: str) -> Any:
     """``MarbleCLI`` and friends, imported on first use: they pull in torch and Lightning, which
@@ -120,37 +128,30 @@ def _main(args: list[str] | None = None) -> None:
     ``marble preflight ...`` (real architectures, random weights, timed steps) or
     ``marble evaluate ...`` (GenEval, OCR and PickScore benchmarks: :mod:`marble_pl.evaluate`)."""
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list | tuple) and argv and argv[0] == "export":
-        from marble_pl.export import main as export_main
+    listed = isinstance(argv, list | tuple)
+    if listed and argv and argv[0] in TOOLS:
+        import importlib
 
-        raise SystemExit(export_main(list(argv[1:])))
-    if isinstance(argv, list | tuple) and argv and argv[0] == "preflight":
-        from marble_pl.notices import install_notice_filters
-        from marble_pl.preflight import main as preflight_main
-
-        install_notice_filters()
-        raise SystemExit(preflight_main(list(argv[1:])))
-    if isinstance(argv, list | tuple) and argv and argv[0] == "evaluate":
-        from marble_pl.evaluate import main as evaluate_main
         from marble_pl.notices import install_notice_filters
 
-        install_notice_filters()
-        raise SystemExit(evaluate_main(list(argv[1:])))
-    if isinstance(argv, list | tuple):
-        precheck([RANDOM_WEIGHTS_ARG if a == RANDOM_WEIGHTS_FLAG else a for a in argv])
+        module, notices = TOOLS[argv[0]]
+        if notices:
+            install_notice_filters()
+        raise SystemExit(importlib.import_module(module).main(list(argv[1:])))
+    if listed:
+        spelled = [RANDOM_WEIGHTS_ARG if a == RANDOM_WEIGHTS_FLAG else a for a in argv]
+        precheck(spelled)
+        if RANDOM_WEIGHTS_FLAG in argv:  # the short spelling
+            if args is None:
+                sys.argv = [sys.argv[0], *spelled]
+            else:
+                args = spelled
+    from marble_pl.data import PromptDataModule
     from marble_pl.lightning_cli import MarbleCLI
+    from marble_pl.module import MarbleModule
     from marble_pl.notices import install_notice_filters
 
     install_notice_filters()
-    if isinstance(argv, list | tuple) and RANDOM_WEIGHTS_FLAG in argv:  # the short spelling
-        spelled = [RANDOM_WEIGHTS_ARG if a == RANDOM_WEIGHTS_FLAG else a for a in argv]
-        if args is None:
-            sys.argv = [sys.argv[0], *spelled]
-        else:
-            args = spelled
-    from marble_pl.data import PromptDataModule
-    from marble_pl.module import MarbleModule
-
     MarbleCLI(
         MarbleModule,
         PromptDataModule,
