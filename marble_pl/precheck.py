@@ -210,35 +210,34 @@ def _is_scalar(value: str, kind: str) -> bool:
     return True
 
 
-def _init_options(path: Path, class_name: str) -> dict[str, Option]:
-    """The keyword parameters of ``class_name.__init__`` in ``path``, with their string choices."""
+def _init_function(path: Path, class_name: str) -> ast.FunctionDef:
+    """``class_name.__init__`` in the source file ``path``."""
     for node in ast.walk(_module_tree(path)):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    params = [*item.args.posonlyargs, *item.args.args, *item.args.kwonlyargs]
-                    positional = [*item.args.posonlyargs, *item.args.args]
-                    defaults: dict[str, ast.expr | None] = dict.fromkeys(a.arg for a in params)
-                    for arg, node in zip(
-                        positional[len(positional) - len(item.args.defaults) :],
-                        item.args.defaults,
-                        strict=True,
-                    ):
-                        defaults[arg.arg] = node
-                    for arg, node in zip(item.args.kwonlyargs, item.args.kw_defaults, strict=True):
-                        defaults[arg.arg] = node
-                    options = {}
-                    for arg in params[1:]:  # self
-                        strings, other = (
-                            _literal_strings(arg.annotation) if arg.annotation else ([], True)
-                        )
-                        choices = tuple(strings) if strings and not other else None
-                        scalar = _scalar(arg.annotation) if arg.annotation else None
-                        options[arg.arg] = Option(
-                            arg.arg, choices, tuple(strings), scalar, _literal(defaults[arg.arg])
-                        )
-                    return options
+                    return item
     raise LookupError(f"{class_name}.__init__ not found in {path}")
+
+
+def _init_options(path: Path, class_name: str) -> dict[str, Option]:
+    """The keyword parameters of ``class_name.__init__`` in ``path``, with their string choices."""
+    args = _init_function(path, class_name).args
+    positional = [*args.posonlyargs, *args.args]
+    defaults: dict[str, ast.expr | None] = {a.arg: None for a in [*positional, *args.kwonlyargs]}
+    with_default = positional[len(positional) - len(args.defaults) :]
+    for arg, default in zip(with_default, args.defaults, strict=True):
+        defaults[arg.arg] = default
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        defaults[arg.arg] = default
+    options = {}
+    for arg in [*positional, *args.kwonlyargs][1:]:  # self
+        strings, other = _literal_strings(arg.annotation) if arg.annotation else ([], True)
+        choices = tuple(strings) if strings and not other else None
+        scalar = _scalar(arg.annotation) if arg.annotation else None
+        default = _literal(defaults[arg.arg])
+        options[arg.arg] = Option(arg.arg, choices, tuple(strings), scalar, default)
+    return options
 
 
 def _lightning_trainer_source() -> Path | None:
