@@ -57,7 +57,13 @@ def test_data_and_prompts():
     prompts, metadata, sizes = read_sources(
         str(PROMPTS), resolve_sources(SOURCES), "train", "prompt"
     )
-    assert dict(sizes) == {"digits": 10, "styles": 20, "free": 3}
+    assert dict(sizes) == {"digits": 10, "styles": 14, "free": 3}
+    test, _, test_sizes = read_sources(str(PROMPTS), resolve_sources(SOURCES), "test", "prompt")
+    assert dict(test_sizes) == {"digits": 40, "styles": 24, "free": 12}  # each prompt 4 times
+    held_out = {p for p in test if prompted_style(p) and prompted_digit(p) is not None}
+    assert len(held_out) == 6 and not held_out & set(prompts)  # (digit, style) pairs never trained
+    seen = {p for p, m in zip(prompts, metadata, strict=True) if m["source"] != "styles"}
+    assert set(test) - held_out == seen  # digits/ and free/: the training prompts, fresh noise
     for prompt, meta in zip(prompts, metadata, strict=True):
         assert (prompted_digit(prompt) is not None) == (meta["source"] != "free"), prompt
     assert [prompted_style(p) for p in prompts[-3:]] == [None, "thin", "thick"]
