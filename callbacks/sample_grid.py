@@ -59,6 +59,9 @@ class SampleGrid(Callback):
         images_per_prompt: seeds per prompt (columns).
         seed: the base seed of the fixed noise.
         name: the prompt set's name in tags and file names.
+        at_start: also sample the grid before the first update (step 0: the base model, as
+            the LoRA starts at zero), the "before" to compare every later grid with. A resumed
+            run does not repeat it.
 
     Example (YAML)::
 
@@ -77,6 +80,7 @@ class SampleGrid(Callback):
         seed: int = 1234,
         name: str = "validation",
         max_prompts: int = 8,
+        at_start: bool = False,
     ) -> None:
         if prompts is not None and prompt_file is not None:
             raise ConfigError(
@@ -101,6 +105,7 @@ class SampleGrid(Callback):
         self.images_per_prompt = images_per_prompt
         self.seed = seed
         self.name = name
+        self.at_start = at_start
         self.last_path: Path | None = None
         self.log_dir: Path | None = None
         self._last_step = -1
@@ -116,6 +121,10 @@ class SampleGrid(Callback):
         self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not self.prompts:
             self._use(*validation_prompts(trainer))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:
+            self.render(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

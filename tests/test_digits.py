@@ -166,6 +166,8 @@ def test_digits_config_fits_two_steps_on_the_smoke_model(tmp_path, monkeypatch):
             by_source
         )
         assert metrics["rewards/symmetry/applicable"] == 12
+    samples = sorted(p.name for p in (tmp_path / "runs" / "digits").glob("*/samples/*.png"))
+    assert samples == ["validation_step000000.png", "validation_step000002.png"]  # base, end
     values = {k: v for m in logged for k, v in m.items()}
     for name in ("digit_confidence", "stroke", "symmetry", "centredness"):
         assert math.isfinite(values[f"val/reward/{name}"]), name

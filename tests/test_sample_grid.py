@@ -100,3 +100,22 @@ def test_no_prompts_and_no_validation_data_is_one_line(tmp_path):
 def test_score_text(value, text):
     assert score_text(value) == text
     assert score_text(math.inf) == "n/a"
+
+
+def test_at_start_renders_the_base_once_and_never_on_resume(tmp_path):
+    """``at_start``: a grid before the first update (step 0); a run resumed at a later step does
+    not render one at its start; without ``at_start`` nothing is rendered at the start."""
+    trainer, module = fake_trainer(None, tmp_path), FakeModule()
+    grid = SampleGrid(prompts=["a red cube"], at_start=True)
+    grid.setup(trainer, module, "fit")
+    grid.on_train_start(trainer, module)
+    assert grid.last_path is not None and grid.last_path.name == "validation_step000000.png"
+    resumed = SampleGrid(prompts=["a red cube"], at_start=True)
+    trainer.global_step = 40
+    resumed.setup(trainer, module, "fit")
+    resumed.on_train_start(trainer, module)
+    plain = SampleGrid(prompts=["a red cube"])
+    trainer.global_step = 0
+    plain.setup(trainer, module, "fit")
+    plain.on_train_start(trainer, module)
+    assert resumed.last_path is None and plain.last_path is None
