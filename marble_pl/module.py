@@ -43,7 +43,6 @@ from marble_pl.checks import (
     check_ranges,
     check_resolution,
     probe_optimizer,
-    resolution_multiple,
 )
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
 from marble_pl.gradients import (
@@ -64,26 +63,16 @@ from marble_pl.loss_scaling import (
     skipped_update,
 )
 from marble_pl.models import (
-    DEFAULT_ADAPTER,
     DEFAULT_LORA_TARGETS,
-    EVAL_ADAPTER,
     SAMPLING_ADAPTER,
-    TORCH_DTYPES,
-    add_lora,
-    add_sampling_adapter,
-    ema_update_adapter,
-    encode_prompts,
-    ensure_tiny_sd3,
     is_lora_key,
-    load_sd3,
     lora_init_weights,
-    use_adapter,
 )
 from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
-from marble_pl.random_weights import build_random_sd3, random_weights_resolution_multiple
+from marble_pl.policies import Conditioning, Policy, build_policy
 from marble_pl.rewards import PretrainedReward, build_rewards
 from marble_pl.rewards.base import Metadata
-from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_sigmas
+from marble_pl.rollout import RolloutConfig, RolloutOutput
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
 from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
 
@@ -235,14 +224,16 @@ class TrainingPairs:
 
 
 class MarbleModule(LightningModule):
-    """Multi-reward DiffusionNFT fine-tuning of an SD3 transformer's LoRA, balanced by MARBLE.
+    """Multi-reward DiffusionNFT fine-tuning of a diffusion transformer's LoRA (a model family's
+    :class:`~marble_pl.policies.Policy`), balanced by MARBLE.
 
     Args:
-        pretrained_model_name_or_path: hub id or local directory of an SD3 pipeline.
+        pretrained_model_name_or_path: hub id or local directory of a diffusers pipeline; its
+            ``model_index.json`` ``_class_name`` picks the family (:mod:`marble_pl.policies`).
         local_files_only: never touch the network when loading (as ``from_pretrained``).
-        build_tiny_if_missing: build a tiny random SD3 pipeline at that path first when it holds
+        build_tiny_if_missing: build a tiny random pipeline at that path first when it holds
             none (the offline CPU run of ``configs/tiny.yaml``).
-        load_t5: load the T5 text encoder (SD3's third encoder) when the pipeline has one.
+        load_t5: load the T5 text encoder (the third text encoder) when the pipeline has one.
         rewards: reward names or specs (``{"name": ..., **kwargs}`` or ``class_path``), see
             :mod:`marble_pl.rewards`.
         balancer: a :class:`~marble_pl.balancers.Balancer` (YAML: ``class_path`` +
@@ -281,7 +272,7 @@ class MarbleModule(LightningModule):
             v_theta`` after each step: a number (constant decay) or a
             :class:`~marble_pl.schedules.DecaySchedule` ``{hold_steps, slope, max_decay}``,
             decay 0 for ``hold_steps`` steps then ``min(slope * (step - hold_steps), max_decay)``.
-            Default: DiffusionNFT's SD3.5 (multi-reward) ramp ``{0, 0.001, 0.5}``.
+            Default: DiffusionNFT's SD 3.5 (multi-reward) ramp ``{0, 0.001, 0.5}``.
             :meth:`sampling_decay` gives the value of the current step.
         lora_rank, lora_alpha, lora_target_modules: the LoRA adapter (peft).
         lora_init: the LoRA's initialisation, B = 0 either way: ``default`` (peft's, A
@@ -308,8 +299,8 @@ class MarbleModule(LightningModule):
             zero or non-finite gradient, leaves the balance with weight 0. Logged:
             ``rewards/<name>/applicable`` and, with a ``source`` in the prompts' metadata,
             ``reward_by_source/<name>/<source>``.
-        max_sequence_length: T5 tokens (SD3 default 256).
-        weights_dtype: dtype of the frozen SD3 weights (``bfloat16`` halves their memory on a
+        max_sequence_length: T5 tokens (default 256).
+        weights_dtype: dtype of the frozen base model's weights (``bfloat16`` halves their memory on a
             GPU); the LoRA parameters are always kept in float32 for the optimizer.
         gradient_checkpointing: recompute the transformer's activations in the backward pass.
         max_nonfinite_steps: stop with an error after this many NaN/inf updates in a row (each one
@@ -356,7 +347,7 @@ class MarbleModule(LightningModule):
         eval_num_inference_steps: sampler steps of validation and sample grids (deterministic,
             as DiffusionNFT evaluates at 40); None: the rollout's ``num_inference_steps``.
         seed: base seed of the per-step rollout and timestep generators (exact resume).
-        random_weights: build every SD3 component and every pretrained reward model at its
+        random_weights: build every pipeline component and every pretrained reward model at its
             REAL architecture with random weights instead of loading them
             (:mod:`marble_pl.random_weights`: configs from the local directory or cache, else
             the published ones shipped in :mod:`marble_pl.architectures`; nothing is
@@ -505,7 +496,7 @@ class MarbleModule(LightningModule):
         }
         self.last_step: StepRecord | None = None
         self.last_timing: dict[str, float] = {}
-        self._negative: tuple[Tensor, Tensor] | None = None
+        self.policy: Policy | None = None
         self._taps: LinearGradientTaps | None = None
         self._configured = False
         self.timesteps_count = check_timesteps(
@@ -548,10 +539,7 @@ class MarbleModule(LightningModule):
         path = hp.pretrained_model_name_or_path
         if self._configured or (hp.build_tiny_if_missing and not Path(path).is_dir()):
             return
-        if hp.random_weights:
-            sizes = random_weights_resolution_multiple(path, hp.architecture_overrides)
-        else:
-            sizes = resolution_multiple(path, local_files_only=hp.local_files_only)
+        sizes = build_policy(hp).resolution_sizes()
         if sizes is not None:
             check_resolution(hp.resolution, *sizes)
 
@@ -572,52 +560,18 @@ class MarbleModule(LightningModule):
             )
 
     def configure_model(self) -> None:
-        """Load the SD3 components, attach the trained LoRA and the sampling-policy copy."""
+        """Load the model family's policy (:mod:`marble_pl.policies`): its parts, the trained
+        LoRA and the sampling-policy copy, registered here so Lightning moves them."""
         if self._configured:
             return
         hp = self.hparams
-        path = hp.pretrained_model_name_or_path
+        self.policy = build_policy(hp)
         if hp.build_tiny_if_missing:
-            self._ensure_tiny_model(path)
-        dtype = TORCH_DTYPES[hp.weights_dtype]
-        if hp.random_weights:
-            parts = build_random_sd3(
-                path,
-                dtype=dtype,
-                load_t5=hp.load_t5,
-                architecture_overrides=hp.architecture_overrides,
-                seed=hp.seed,
-            ).components
-        else:
-            parts = load_sd3(
-                path, local_files_only=hp.local_files_only, load_t5=hp.load_t5, dtype=dtype
-            )
-        for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        self.transformer = parts.transformer
-        self.vae = parts.vae
-        self.text_encoder = parts.text_encoder
-        self.text_encoder_2 = parts.text_encoder_2
-        self.text_encoder_3 = parts.text_encoder_3
-        self.tokenizers = (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3)
-        self.scheduler = parts.scheduler
-        self.lora_params = add_lora(
-            self.transformer,
-            rank=hp.lora_rank,
-            alpha=hp.lora_alpha,
-            target_modules=list(hp.lora_target_modules),
-            init_lora_weights=lora_init_weights(hp.lora_init),
-        )
-        add_sampling_adapter(self.transformer)  # every adapter float32 whatever the base dtype
-        if hp.eval_ema_decay is not None:
-            add_sampling_adapter(self.transformer, dst=EVAL_ADAPTER)
-        if hp.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.patch_size = int(self.transformer.config.patch_size)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        multiple = self.vae_scale_factor * self.patch_size
-        check_resolution(hp.resolution, multiple, self.vae_scale_factor, self.patch_size)
+            self._ensure_tiny_model(hp.pretrained_model_name_or_path)
+        self.policy.load()
+        for name, part in self.policy.modules().items():
+            setattr(self, name, part)
+        self.lora_params = self.policy.lora_params
         self._configured = True
 
     def _ensure_tiny_model(self, path: str) -> None:
@@ -627,19 +581,18 @@ class MarbleModule(LightningModule):
         """
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
-            ensure_tiny_sd3(path)
+            self.policy.build_tiny(path)
             return
         if trainer.is_global_zero:
-            ensure_tiny_sd3(path)
-        trainer.strategy.barrier("marble_ensure_tiny_sd3")
+            self.policy.build_tiny(path)
+        trainer.strategy.barrier("marble_ensure_tiny_model")
 
     def train(self, mode: bool = True) -> MarbleModule:
-        """Keep the frozen VAE and text encoders in eval mode whatever Lightning asks."""
+        """Keep the policy's frozen parts (VAE, text encoders) in eval mode whatever Lightning
+        asks."""
         super().train(mode)
-        for frozen in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self, frozen, None)
-            if module is not None:
-                module.eval()
+        for frozen in self.policy.frozen_modules() if self.policy is not None else ():
+            frozen.eval()
         return self
 
     def configure_optimizers(self) -> Any:
@@ -654,30 +607,9 @@ class MarbleModule(LightningModule):
 
     # ------------------------------------------------------------------ pieces of a step
 
-    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Text conditioning ``(prompt_embeds, pooled)`` from the frozen encoders."""
-        tok, tok2, tok3 = self.tokenizers
-        return encode_prompts(
-            list(prompts),
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer=tok,
-            tokenizer_2=tok2,
-            tokenizer_3=tok3,
-            transformer=self.transformer,
-            device=self.device,
-            max_sequence_length=self.hparams.max_sequence_length,
-        )
-
-    def _negative_embeds(self, n: int) -> tuple[Tensor | None, Tensor | None]:
-        """Empty-prompt conditioning for CFG, encoded once and cached."""
-        if self.rollout_config.guidance_scale <= 1.0:
-            return None, None
-        if self._negative is None or self._negative[0].device != self.device:
-            self._negative = self.encode([""])
-        neg, neg_pooled = self._negative
-        return neg.expand(n, *neg.shape[1:]), neg_pooled.expand(n, *neg_pooled.shape[1:])
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning of ``prompts`` from the policy's frozen encoders."""
+        return self.policy.encode(prompts)
 
     def _per_sample(self, n: int, stream: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
         """Stack ``draw(g_i)`` over this rank's samples, ``g_i`` seeded by the GLOBAL sample index.
@@ -700,7 +632,6 @@ class MarbleModule(LightningModule):
             for i in range(start, start + n)
         ]
 
-    @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
@@ -708,24 +639,10 @@ class MarbleModule(LightningModule):
         adapter: str | None = SAMPLING_ADAPTER,
         noise: Tensor | None = None,
         config: RolloutConfig | None = None,
-    ):
+    ) -> RolloutOutput:
         """Roll out one image per prompt with the given adapter (``v_old`` by default) and
         sampler settings (the training rollout's by default; :attr:`eval_rollout_config`)."""
-        embeds, pooled = self.encode(prompts)
-        neg, neg_pooled = self._negative_embeds(len(prompts))
-        with use_adapter(self.transformer, adapter):
-            return rollout(
-                self.transformer,
-                self.vae,
-                self.scheduler,
-                embeds,
-                pooled,
-                config=config or self.rollout_config,
-                negative_prompt_embeds=neg,
-                negative_pooled_prompt_embeds=neg_pooled,
-                generator=generator,
-                noise=noise,
-            )
+        return self.policy.sample(prompts, generator, adapter, noise, config or self.rollout_config)
 
     @torch.no_grad()
     def score(
@@ -876,16 +793,9 @@ class MarbleModule(LightningModule):
                 out[rows & bad[:, k], k] = fill
         return out
 
-    def velocity(self, x_t: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
-        """``v(x_t, t)`` in float32 from the transformer with whichever adapter is active."""
-        dtype = self.transformer.dtype
-        return self.transformer(
-            hidden_states=x_t.to(dtype),
-            timestep=t * self.scheduler.config.num_train_timesteps,
-            encoder_hidden_states=embeds.to(dtype),
-            pooled_projections=pooled.to(dtype),
-            return_dict=False,
-        )[0].float()
+    def velocity(self, x_t: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
+        """``v(x_t, t | cond)`` in float32 from the policy with whichever adapter is active."""
+        return self.policy.velocity(x_t, t, *cond)
 
     def _loss_kwargs(self, t: Tensor) -> dict[str, Any]:
         hp = self.hparams
@@ -1034,7 +944,7 @@ class MarbleModule(LightningModule):
         # 1. Rollout with the sampling policy v_old (no grad), per-sample seeded noise.
         n = len(prompts)
         out = self.rollout_batch(prompts)
-        x0, embeds, pooled = out.latents, out.prompt_embeds, out.pooled_prompt_embeds
+        x0 = out.latents
         t1 = time.perf_counter()
 
         # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
@@ -1052,7 +962,7 @@ class MarbleModule(LightningModule):
         each = self.loss_mask(applicable, pairs.count)  # per reward
         train = each if mask is applicable else self.loss_mask(mask, pairs.count)  # r's columns
         w, present = train.weights, train.present
-        cond = (embeds, pooled)
+        cond = self.policy.condition(out)
         monitors = self._gradient_monitors()
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -1152,7 +1062,7 @@ class MarbleModule(LightningModule):
         on the data-parallel split, nor on what ran before.
         """
         n = len(prompts)
-        shape = self.rollout_config.latent_shape(self.transformer, self.vae_scale_factor)
+        shape = self.policy.latent_shape(self.rollout_config)
         noise = self._per_sample(n, 0, lambda g: torch.randn(shape, generator=g))
         sde = self._sample_generators(n, 3)  # the SDE's per-step noise, per sample too
         size = self.hparams.rollout_chunk_size or n
@@ -1170,9 +1080,7 @@ class MarbleModule(LightningModule):
         """``T`` timesteps per image (seeded by the image's global index), fresh noise each."""
         hp = self.hparams
         n, count = x0.shape[0], self.timesteps_count
-        sigmas = schedule_sigmas(
-            self.scheduler, hp.num_inference_steps, tuple(x0.shape[1:]), self.patch_size
-        )
+        sigmas = self.policy.schedule_sigmas(hp.num_inference_steps, tuple(x0.shape[1:]))
         t = self._per_sample(
             n,
             1,
@@ -1187,28 +1095,28 @@ class MarbleModule(LightningModule):
         return TrainingPairs((1 - tt) * x0_p + tt * eps, t, eps - x0_p, image, count)
 
     def _pair_forward(
-        self, pairs: TrainingPairs, mb: slice, cond: tuple[Tensor, Tensor], *, v_old: Tensor | None
+        self, pairs: TrainingPairs, mb: slice, cond: Conditioning, *, v_old: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
         """``(v_theta, v_old, v*, loss kwargs)`` of one micro-batch; ``v_theta`` with grad if on."""
-        embeds, pooled = (c[pairs.image[mb]] for c in cond)
+        rows = tuple(c[pairs.image[mb]] for c in cond)
         x_t, t = pairs.x_t[mb], pairs.t[mb]
         if v_old is None:
-            with torch.no_grad(), use_adapter(self.transformer, SAMPLING_ADAPTER):
-                v_old = self.velocity(x_t, t, embeds, pooled)
-        v_theta = self.velocity(x_t, t, embeds, pooled)
+            with torch.no_grad(), self.policy.use_adapter(self.policy.sampling_adapter):
+                v_old = self.velocity(x_t, t, *rows)
+        v_theta = self.velocity(x_t, t, *rows)
         return v_theta, v_old, pairs.v_target[mb], self._loss_kwargs(t)
 
-    def _kl(self, pairs: TrainingPairs, mb: slice, cond: tuple[Tensor, Tensor], v_theta: Tensor):
+    def _kl(self, pairs: TrainingPairs, mb: slice, cond: Conditioning, v_theta: Tensor):
         """``kl_beta * sum over the micro-batch of mean (v_theta - v_ref)^2`` (base model v_ref)."""
-        embeds, pooled = (c[pairs.image[mb]] for c in cond)
-        with torch.no_grad(), use_adapter(self.transformer, None):
-            v_ref = self.velocity(pairs.x_t[mb], pairs.t[mb], embeds, pooled)
+        rows = tuple(c[pairs.image[mb]] for c in cond)
+        with torch.no_grad(), self.policy.use_adapter(None):
+            v_ref = self.velocity(pairs.x_t[mb], pairs.t[mb], *rows)
         return self.hparams.kl_beta * (v_theta - v_ref).square().flatten(1).mean(1).sum()
 
     def output_space_stats(
         self,
         pairs: TrainingPairs,
-        cond: tuple[Tensor, Tensor],
+        cond: Conditioning,
         r: Tensor,
         need_stats: bool,
         w: Tensor | None = None,
@@ -1245,7 +1153,7 @@ class MarbleModule(LightningModule):
     def accumulate_update(
         self,
         pairs: TrainingPairs,
-        cond: tuple[Tensor, Tensor],
+        cond: Conditioning,
         r_bar: Tensor,
         kept: list[Forward] | None,
         stats_of: Tensor | None = None,
@@ -1393,7 +1301,7 @@ class MarbleModule(LightningModule):
     def _solve_micro_batches(
         self,
         pairs: TrainingPairs,
-        cond: tuple[Tensor, Tensor],
+        cond: Conditioning,
         r: Tensor,
         w: Tensor,
         present: np.ndarray,
@@ -1454,7 +1362,7 @@ class MarbleModule(LightningModule):
         self,
         monitors: list[Any],
         pairs: TrainingPairs,
-        cond: tuple[Tensor, Tensor],
+        cond: Conditioning,
         r: Tensor,
         w: Tensor | None,
         lam: Tensor,
@@ -1495,16 +1403,15 @@ class MarbleModule(LightningModule):
 
     def update_adapter_averages(self) -> None:
         """``v_old <- EMA(v_theta)`` (:meth:`sampling_decay`), and the evaluation EMA if on."""
-        ema_update_adapter(self.transformer, decay=self.sampling_decay())
-        if self.hparams.eval_ema_decay is not None:
-            # global_step already counts this update: DiffusionNFT's ema.step(global_step)
-            decay = warmup_decay(self.global_step, self.hparams.eval_ema_decay)
-            ema_update_adapter(self.transformer, dst=EVAL_ADAPTER, decay=decay)
+        eval_decay = self.hparams.eval_ema_decay
+        if eval_decay is not None:  # global_step already counts this update: DiffusionNFT's
+            eval_decay = warmup_decay(self.global_step, eval_decay)  # ema.step(global_step)
+        self.policy.update_adapter_averages(self.sampling_decay(), eval_decay)
 
     @property
     def eval_adapter(self) -> str:
         """The adapter validation and sample grids sample with (the EMA one when kept)."""
-        return DEFAULT_ADAPTER if self.hparams.eval_ema_decay is None else EVAL_ADAPTER
+        return self.policy.eval_adapter
 
     def _no_sync_unless(self, last: bool) -> Any:
         """DDP's ``no_sync`` for all but the last micro-batch: gradients all-reduce once."""
@@ -1514,7 +1421,7 @@ class MarbleModule(LightningModule):
         return model.no_sync()
 
     def parameter_space_grads(
-        self, pairs: TrainingPairs, cond: tuple[Tensor, Tensor], r: Tensor, w: Tensor
+        self, pairs: TrainingPairs, cond: Conditioning, r: Tensor, w: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Exact per-reward gradients ``[K, P]`` of the batch's losses ``L_k = sum_p w_pk
         l_p(r_pk)`` (``w [N, K]`` per image: each reward averaged over the pairs it applies to,
@@ -1580,7 +1487,7 @@ class MarbleModule(LightningModule):
     def loss_grads(
         self,
         pairs: TrainingPairs,
-        cond: tuple[Tensor, Tensor],
+        cond: Conditioning,
         r_cols: Tensor,
         w_cols: Tensor | None = None,
     ) -> Tensor:
@@ -1788,7 +1695,7 @@ class MarbleModule(LightningModule):
         saved = checkpoint.get("state_dict") or {}
         expected = {k: v.shape for k, v in self.state_dict().items() if is_lora_key(k)}
         for key in expected:
-            twin = key.replace(f".{EVAL_ADAPTER}.", f".{DEFAULT_ADAPTER}.")
+            twin = Policy.eval_twin(key)
             if key not in saved and twin != key and twin in saved:
                 saved[key] = saved[twin].clone()
         got = {k: v.shape for k, v in saved.items() if is_lora_key(k)}

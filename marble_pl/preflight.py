@@ -486,7 +486,7 @@ def preflight(
     configured["timesteps"] = _timesteps(
         configured["timesteps_per_image"], configured["num_inference_steps"]
     )
-    cell = module.vae_scale_factor * module.patch_size
+    cell = module.policy.vae_scale_factor * module.policy.patch_size
     text_tokens = 77 + (configured["max_sequence_length"] or 0)
     run["image_tokens"] = (resolution // cell) ** 2
     tok = (configured["resolution"] // cell) ** 2 / run["image_tokens"]

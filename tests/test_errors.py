@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-import marble_pl.module
+import marble_pl.policies.sd3
 from marble_pl.checks import check_run_folder, load_checkpoint_file, resolution_multiple
 from marble_pl.cli import main
 from marble_pl.data import PromptDataModule
@@ -62,7 +62,7 @@ def marble_error(tmp_path, monkeypatch, capsys, tiny_sd3_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")  # the config's relative paths
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MARBLE_DEBUG", raising=False)
-    monkeypatch.setattr(marble_pl.module, "load_sd3", _no_load)
+    monkeypatch.setattr(marble_pl.policies.sd3, "load_sd3", _no_load)
     monkeypatch.setattr(sys, "argv", ["marble"])  # not pytest's arguments
 
     def run(*overrides: str) -> str:
@@ -340,10 +340,10 @@ def _versions(tmp_path: Path) -> list[str]:
 def test_a_run_that_fails_before_its_first_step_leaves_no_version_folder(
     marble_error, tmp_path, monkeypatch, tiny_sd3_path, setting, expected
 ):
-    import marble_pl.module as module_mod
+    import marble_pl.policies.sd3 as sd3_policy
     from marble_pl.models import load_sd3
 
-    monkeypatch.setattr(module_mod, "load_sd3", load_sd3)  # this failure needs the model loaded
+    monkeypatch.setattr(sd3_policy, "load_sd3", load_sd3)  # this failure needs the model loaded
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n\t\n")
     setting = setting.replace("=blank", f"={blank}")

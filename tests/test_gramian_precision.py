@@ -41,7 +41,7 @@ def _batch(module, images: int = 3, masked: bool = False):
     as ``optimality``) and per-image loss weights (one reward's first image masked out)."""
     gen = torch.Generator().manual_seed(1)
     cfg = module.transformer.config
-    side = module.hparams.resolution // module.vae_scale_factor
+    side = module.hparams.resolution // module.policy.vae_scale_factor
     x0 = torch.randn(images, cfg.in_channels, side, side, generator=gen)
     pairs = module.training_pairs(x0)
     embeds = torch.randn(images, 8, cfg.joint_attention_dim, generator=gen)
@@ -127,7 +127,7 @@ def _tapped_forward(module, autocast: bool):
     the taps held before), the storages autograd saved for the backward)``."""
     gen = torch.Generator().manual_seed(0)
     cfg = module.transformer.config
-    side = module.hparams.resolution // module.vae_scale_factor
+    side = module.hparams.resolution // module.policy.vae_scale_factor
     x = torch.randn(9, cfg.in_channels, side, side, generator=gen)
     embeds = torch.randn(9, 8, cfg.joint_attention_dim, generator=gen)
     pooled = torch.randn(9, cfg.pooled_projection_dim, generator=gen)

@@ -172,7 +172,7 @@ def test_sample_latents_with_dpm2_is_the_reference_on_the_transformer(tiny_sd3_p
     assert module.rollout_config.solver == module.eval_rollout_config.solver == "dpm2"
     embeds, pooled = module.encode(read_prompts(PROMPTS)[:2])
     tr = module.transformer
-    shape = module.rollout_config.latent_shape(tr, module.vae_scale_factor)
+    shape = module.rollout_config.latent_shape(tr, module.policy.vae_scale_factor)
     noise = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -186,15 +186,17 @@ def test_sample_latents_with_dpm2_is_the_reference_on_the_transformer(tiny_sd3_p
     euler = replace(dpm2, solver="euler")
     kw = dict(noise=noise, latent_shape=shape)
     with torch.no_grad():
-        got = sample_latents(tr, module.scheduler, embeds, pooled, config=dpm2, **kw)
-        euler = sample_latents(tr, module.scheduler, embeds, pooled, config=euler, **kw)
-        sigmas = schedule_sigmas(module.scheduler, 4, shape, module.patch_size).tolist() + [0.0]
+        got = sample_latents(tr, module.policy.scheduler, embeds, pooled, config=dpm2, **kw)
+        euler = sample_latents(tr, module.policy.scheduler, embeds, pooled, config=euler, **kw)
+        sigmas = schedule_sigmas(
+            module.policy.scheduler, 4, shape, module.policy.patch_size
+        ).tolist() + [0.0]
         ref = reference_dpm2(velocity, noise.clone(), sigmas)
     assert len(sigmas) == 5
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
     assert (got - euler).abs().max() > 1e-3  # the solver option is used
     with torch.no_grad():  # deterministic
-        again = sample_latents(tr, module.scheduler, embeds, pooled, config=dpm2, **kw)
+        again = sample_latents(tr, module.policy.scheduler, embeds, pooled, config=dpm2, **kw)
     assert torch.equal(got, again)
 
 

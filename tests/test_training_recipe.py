@@ -98,7 +98,7 @@ def test_sampler_timesteps_per_image_and_pairs(tiny_sd3_path):
     x0 = torch.randn(3, 16, 16, 16)
     pairs = module.training_pairs(x0)
     assert pairs.count == 2 and len(pairs) == 6
-    sigmas = schedule_sigmas(module.scheduler, 4, (16, 16, 16), module.patch_size)
+    sigmas = schedule_sigmas(module.policy.scheduler, 4, (16, 16, 16), module.policy.patch_size)
     assert sigmas[0] == 1.0 and float(sigmas.mean()) > 0.5  # shift 3 leans to high noise
     for i in range(3):
         t_i = pairs.t[pairs.image == i].tolist()
