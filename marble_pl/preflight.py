@@ -569,9 +569,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="leave out a component that does not fit the machine (text_encoder_3) or a reward",
     )
     parser.add_argument("--accelerator", default="auto", help="auto (cuda if any), cpu or gpu")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="accepted: preflight always builds them"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    report = preflight(
+    from marble_pl.flux.preflight import flux_preflight  # a 12 B model: counted, not run
+
+    report = flux_preflight(args.config, overrides) or preflight(
         args.config,
         steps=args.steps,
         resolution=args.resolution,

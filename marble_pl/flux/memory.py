@@ -55,7 +55,19 @@ class FluxMemoryReport:
         return phase, self.phase_total(phase)
 
     def fits_ddp(self) -> bool:
+        """Whether every GPU can hold the whole step at the configured sizes."""
         return self.peak[1] <= self.gpu_bytes
+
+    @property
+    def smallest_peak(self) -> int:
+        """The peak with one image per rollout call and one pair per backward: above the GPU,
+        only sharding the weights (or a smaller model, resolution) fits."""
+        units = {"rollout": self.settings["images_per_rollout"],
+                 "update": self.settings["pairs_per_micro_batch"]}  # fmt: skip
+        resident = sum(self.resident.values())
+        return resident + max(
+            sum(items.values()) // units.get(phase, 1) for phase, items in self.phases.items()
+        )
 
     def markdown(self) -> str:
         s = self.settings
@@ -90,11 +102,18 @@ class FluxMemoryReport:
                 f"DDP fits: the peak ({phase}, {peak / GIB:.1f} GiB) is under {gpu:.1f} GiB per "
                 "GPU; every GPU holds the whole model."
             )
+        elif self.smallest_peak <= self.gpu_bytes:
+            verdict = (
+                f"DDP does not fit as configured: the peak ({phase}, {peak / GIB:.1f} GiB) exceeds "
+                f"{gpu:.1f} GiB per GPU; with 1 image per rollout call and 1 pair per backward it "
+                f"is {self.smallest_peak / GIB:.1f} GiB: lower model.rollout_chunk_size / "
+                "model.micro_batch_size, no sharding needed."
+            )
         else:
             verdict = (
-                f"DDP does not fit: the peak ({phase}, {peak / GIB:.1f} GiB) exceeds {gpu:.1f} GiB "
-                "per GPU; shard the frozen weights (FSDP) or lower pairs per backward / images "
-                "per rollout call."
+                f"DDP does not fit: even with 1 image per rollout call and 1 pair per backward the "
+                f"peak is {self.smallest_peak / GIB:.1f} GiB, over {gpu:.1f} GiB per GPU; a "
+                "sharded strategy (FSDP: the frozen weights split across GPUs) is needed."
             )
         lines += ["", verdict]
         if self.settings.get("rewards_not_counted"):
@@ -329,15 +348,15 @@ def flux_memory(
         "LoRA adapters (float32)": "counted: peft's adapter on the meta-device transformer",
         "AdamW moments (float32)": "computed: 2 x trained LoRA",
         "LoRA gradients + DDP buckets (float32)": "computed: 2 x trained LoRA",
-        "gramian taps": "counted: per pair, every LoRA layer's input (held to the backward)",
+        "gramian taps": "counted: pairs per backward x every LoRA layer's input",
         "T5 activations": "computed: prompts x tokens x (4 d_model + d_ff), bf16",
-        "transformer working set": "computed: 3 x the largest activation (counted), per image",
-        "VAE decode": "computed: 3 x the largest activation (counted), per image",
+        "transformer working set": "computed: images per call x 3 x its largest activation",
+        "VAE decode": "computed: images per call x 3 x its largest activation",
         "training activations": (
-            "counted: per pair, every block's input + 2 x the largest block (recompute + its "
-            "backward)"
+            "counted: pairs per backward x (every block's input + 2 x the largest block's saved "
+            "tensors: its recompute and backward)"
             if gradient_checkpointing
-            else "counted: per pair, every tensor the forward saves"
+            else "counted: pairs per backward x every tensor the forward saves"
         ),
     }
     settings = {

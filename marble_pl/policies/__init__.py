@@ -5,7 +5,7 @@ here so :func:`build_policy` finds it. See :mod:`marble_pl.policies.base` for wh
 implements.
 """
 
-from marble_pl.policies import sd3  # noqa: F401  (registers StableDiffusion3Pipeline)
+from marble_pl.policies import flux, sd3  # noqa: F401  (register FluxPipeline, StableDiffusion3Pipeline)
 from marble_pl.policies.base import (
     DEFAULT_PIPELINE,
     Conditioning,
@@ -15,11 +15,13 @@ from marble_pl.policies.base import (
     policy_class,
     register_policy,
 )
+from marble_pl.policies.flux import FluxPolicy
 from marble_pl.policies.sd3 import SD3Policy
 
 __all__ = [
     "DEFAULT_PIPELINE",
     "Conditioning",
+    "FluxPolicy",
     "Policy",
     "SD3Policy",
     "build_policy",
