@@ -63,7 +63,7 @@ def test_rollout_is_flux_pipelines_and_velocity_its_transformer(tiny_flux):
     policy.load()
     config = RolloutConfig(num_inference_steps=3, guidance_scale=1.0, height=32, width=32)
     shape = policy.latent_shape(config)
-    assert shape == (16, 16, 16)
+    assert shape == (16, 16, 16) and policy.vae_scale_factor * policy.patch_size == 4
     noise = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     prompts = ["a cat", "a dog"]
     out = policy.sample(prompts, torch.Generator().manual_seed(0), "old", noise, config)

@@ -44,6 +44,8 @@ DISTILLED_GUIDANCE = 3.5
 recipes' ``guidance_scale``; ``model.distilled_guidance`` when the module has that setting."""
 
 _PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+PACKING = 2
+"""Latent cells per token side: FLUX packs 2x2 cells into one token of 4 x 16 channels."""
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -165,7 +167,10 @@ class FluxPolicy(Policy):
         if hp["gradient_checkpointing"]:
             self.transformer.enable_gradient_checkpointing()
         self.vae_scale_factor = parts.vae_scale_factor
-        check_resolution(hp["resolution"], 2 * self.vae_scale_factor, self.vae_scale_factor, 2)
+        self.patch_size = PACKING  # a token is a 2x2 patch of latent cells, as SD3's patches
+        check_resolution(
+            hp["resolution"], PACKING * self.vae_scale_factor, self.vae_scale_factor, PACKING
+        )
 
     def modules(self) -> dict[str, nn.Module | None]:
         """The transformer, the VAE, CLIP and T5."""
