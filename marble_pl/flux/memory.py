@@ -115,7 +115,13 @@ class FluxMemoryReport:
                 f"peak is {self.smallest_peak / GIB:.1f} GiB, over {gpu:.1f} GiB per GPU; a "
                 "sharded strategy (FSDP: the frozen weights split across GPUs) is needed."
             )
-        lines += ["", verdict]
+        lines += [
+            "",
+            verdict,
+            "",
+            "Not counted: the CUDA context and allocator fragmentation (a few GiB), and the "
+            "reward models' activations (scored images are few next to the rollout's).",
+        ]
         if self.settings.get("rewards_not_counted"):
             missing = ", ".join(self.settings["rewards_not_counted"])
             lines += ["", f"Reward models not counted (no shipped architecture): {missing}."]

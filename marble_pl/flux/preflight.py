@@ -127,8 +127,8 @@ def flux_preflight(
         * _timesteps(settings["timesteps_per_image"], settings["num_inference_steps"])
     )
     micro = model.get("micro_batch_size", defaults.get("micro_batch_size")) or pairs_total
-    chunk = model.get("rollout_chunk_size", defaults.get("rollout_chunk_size"))
-    prompts_per_call = min(chunk or settings["batch_size"], settings["batch_size"])
+    images = settings["batch_size"] * settings["group_size"]
+    chunk = model.get("rollout_chunk_size", defaults.get("rollout_chunk_size"))  # images
 
     def get(key: str) -> Any:
         return model.get(key, defaults.get(key))
@@ -141,7 +141,7 @@ def flux_preflight(
         lora_rank=int(get("lora_rank")),
         lora_targets=list(get("lora_target_modules")),
         pairs_per_micro_batch=min(int(micro), pairs_total),
-        images_per_rollout=prompts_per_call * settings["group_size"],
+        images_per_rollout=min(chunk or images, images),
         prompts_per_step=settings["batch_size"],
         dtype=TORCH_DTYPES[get("weights_dtype")],
         gradient_checkpointing=bool(get("gradient_checkpointing")),
