@@ -156,3 +156,49 @@ def test_ddp_on_the_tiny_flux_equals_one_process(tmp_path, tiny_flux):
     for key, value in ref["lora"].items():
         torch.testing.assert_close(r0["lora"][key], value, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r1["lora"][key], r0["lora"][key], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_flux_dev_config_as_shipped_trains_a_step_on_the_tiny_flux(
+    tmp_path, tiny_flux, monkeypatch
+):
+    """configs/flux_dev.yaml AS SHIPPED (bf16 weights, bf16-mixed, gradient checkpointing, the
+    Flow-GRPO LoRA (rank 64, Gaussian A), KL, evaluation EMA, every callback) on the tiny FLUX at
+    32 px with cheap rewards: its keys parse and a step trains."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train_prompts.txt").write_text("a cat\na dog\n")
+    (data / "val_prompts.txt").write_text("a cat\n")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU bf16 kernels are slow with a busy second core
+    try:
+        cli = MarbleCLI(
+            MarbleModule,
+            PromptDataModule,
+            run=False,
+            args=[
+                "--config", str(ROOT / "configs" / "flux_dev.yaml"),
+                f"--model.pretrained_model_name_or_path={tiny_flux}",
+                "--model.local_files_only=true", "--model.resolution=32",
+                "--model.max_sequence_length=16", "--model.num_inference_steps=2",
+                "--model.rewards=[brightness, saturation, compressibility]",
+                "--model.micro_batch_size=2", "--model.rollout_chunk_size=2",
+                "--trainer.accelerator=cpu", "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                "--data.batch_size=1", "--data.group_size=2",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            ],
+        )  # fmt: skip
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch.set_num_threads(threads)
+    module = cli.model
+    assert isinstance(module.policy, FluxPolicy) and cli.trainer.global_step == 1
+    assert cli.trainer.precision == "bf16-mixed" and module.transformer.dtype == torch.bfloat16
+    assert module.transformer.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in module.lora_params)
+    assert {"default", "old", "ema"} <= set(module.transformer.peft_config)
+    assert module.transformer.peft_config["default"].r == 64
+    trained = [p for n, p in module.named_parameters() if "lora_B.default." in n]
+    assert all(torch.isfinite(p).all() for p in trained) and any(p.abs().sum() > 0 for p in trained)
