@@ -2,12 +2,13 @@
 where the 12 B model cannot run (a CPU box, a GPU too small for it).
 
 Every count comes from the real modules built on the meta device (no memory, no compute):
-parameters exactly; the LoRA as peft attaches it (on the meta device too); activations as the bytes autograd saves in one forward of one (image, timestep) pair at
-the configured resolution and text length (``saved_tensors_hooks``), attention as a fused
-kernel keeps it (its output and log-sum-exp, not the S x S probabilities the meta device's math
-path saves). Phases add to the resident weights and optimizer state what they hold at their
-peak. DDP keeps everything on every GPU; the verdict says whether that fits the GPU, else that
-a sharded strategy (FSDP: the frozen weights split across GPUs) is needed.
+parameters exactly; the LoRA as peft attaches it; activations as the bytes autograd saves in
+one forward of one (image, timestep) pair at the configured resolution and text length
+(``saved_tensors_hooks``), attention as a fused kernel keeps it (its output and log-sum-exp,
+not the S x S probabilities the meta device's math path saves); the rollout's no-grad working
+set from the largest activation. Phases add to the resident weights and optimizer state what
+they hold at their peak. DDP keeps everything on every GPU; the verdict says whether that fits,
+whether smaller micro-batches would, or that a sharded strategy (FSDP) is needed.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ class FluxMemoryReport:
         ]
         for name, (cls, params, size) in self.components.items():
             lines.append(f"| {name} | {cls} | {params:,} | {size / GIB:,.2f} |")
+        kinds = "trained, sampling, EMA" if self.adapters > 2 else "trained, sampling"
+        lora_gib = self.adapters * self.lora_params * FLOAT32 / GIB
         lines.append(
-            f"| LoRA ({self.adapters} adapters: trained, sampling{', EMA' if self.adapters > 2 else ''}) "
-            f"| peft | {self.lora_params:,} trained | {self.adapters * self.lora_params * FLOAT32 / GIB:.2f} |"
+            f"| LoRA ({self.adapters} adapters: {kinds}) | peft | {self.lora_params:,} trained "
+            f"| {lora_gib:.2f} |"
         )
         lines += ["", "| per GPU | GiB | how |", "| --- | ---: | --- |"]
         for item, size in self.resident.items():
