@@ -76,6 +76,16 @@ def test_rollout_is_flux_pipelines_and_velocity_its_transformer(tiny_flux):
         ).images  # fmt: skip
     assert torch.equal(out.latents, unpack_latents(ref, 16, 16))
     assert out.images.shape == (2, 3, 32, 32)
+    # the SDE rollout: its step noise from each sample's own generator, so reproducible
+    sde = RolloutConfig(num_inference_steps=3, guidance_scale=1.0, height=32, width=32,
+                        noise_level=0.7)  # fmt: skip
+    draws = [
+        policy.sample(
+            prompts, [torch.Generator().manual_seed(i) for i in (5, 6)], "old", noise, sde
+        ).latents  # fmt: skip
+        for _ in range(2)
+    ]
+    assert torch.equal(draws[0], draws[1]) and not torch.allclose(draws[0], out.latents)
     sigmas = policy.schedule_sigmas(3, shape)
     assert sigmas[0] == 1.0 and torch.all(sigmas[1:] < sigmas[:-1]) and sigmas.shape == (3,)
     # velocity: the transformer's output on packed latents, at t in [0, 1], unpacked

@@ -130,7 +130,7 @@ class FluxPolicy(Policy):
             factor = 2 ** (len(vae["block_out_channels"]) - 1)
         except (ModelLoadError, OSError, KeyError, TypeError, ValueError):
             return None
-        return 2 * factor, factor, 2
+        return PACKING * factor, factor, PACKING
 
     def build_tiny(self, path: str) -> None:
         """The tiny random FLUX of ``configs/tiny_flux.yaml`` at ``path`` (atomic)."""
