@@ -140,7 +140,7 @@ def meta_modules(configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype) -
     def meta(_: str, make: Callable[[], nn.Module]) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             module = make()
-        return module.to(dtype)
+        return nn.Module.to(module, dtype)  # diffusers' own .to warns of a cast it does not do
 
     return build_flux_modules(configs, meta)
 
