@@ -179,7 +179,7 @@ class GradientCosineMonitor(Callback):
         weights_raw = ctx.weights_raw
         if weights_raw is None or not pl_module.balancer.needs_gram:
             return {}
-        exact = pl_module.coefficients_for(gram(grads), ctx.losses)
+        exact = pl_module.balancing.coefficients_for(gram(grads), ctx.losses)
         out = {f"lambda_exact/{n}": float(v) for n, v in zip(names, exact, strict=True)}
         out["lambda_exact/gap"] = float(np.abs(np.asarray(weights_raw) - exact).max())
         return out

@@ -14,7 +14,8 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +34,9 @@ from marble_pl.advantages import (
     optimality,
     pooled_std,
 )
-from marble_pl.balance import BalanceCadence, BalanceOn, BalanceResult, Normalization, gram
+from marble_pl.balance import BalanceCadence, BalanceOn, BalanceResult, Normalization
 from marble_pl.balancers import Balancer, resolve_balancer
+from marble_pl.cadence import StepBalance
 from marble_pl.checks import (
     check_choices,
     check_guidance,
@@ -47,14 +49,8 @@ from marble_pl.checks import (
 from marble_pl.errors import CheckpointError, ConfigError, MarbleUserError
 from marble_pl.gradients import (
     GradientSpace,
-    affine_combination,
-    assign_flat_grad,
-    cosines,
     masked_mean_weights,
-    parameter_grads,
-    update_direction,
 )
-from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, affine_split
 from marble_pl.loss_scaling import (
     check_loss_scaling,
     grad_scaler,
@@ -68,12 +64,15 @@ from marble_pl.models import (
     is_lora_key,
     lora_init_weights,
 )
-from marble_pl.nft import check_beta, nft_errors, nft_loss, nft_output_stats, output_gram
+from marble_pl.monitors import GradientContext, GradientWatch, ScoredBatch, StepRecord
+from marble_pl.nft import check_beta
+from marble_pl.objective import LossMask, StepBatch, TrainingPairs
 from marble_pl.policies import Conditioning, Policy, build_policy
 from marble_pl.rewards import PretrainedReward, build_rewards
 from marble_pl.rewards.base import Metadata
 from marble_pl.rollout import RolloutConfig, RolloutOutput
 from marble_pl.schedules import DIFFUSIONNFT_DECAY, DecaySchedule, warmup_decay
+from marble_pl.spaces import build_space
 from marble_pl.timesteps import TimestepSampling, check_timesteps, draw_timesteps
 
 BalancerName = Literal["marble", "weighted_sum", "single"]
@@ -90,137 +89,6 @@ def _metric_key(name: str) -> str:
 
 class NonFiniteRewardError(MarbleUserError, FloatingPointError):
     """A reward model returned NaN/inf; the message names the reward and the fix."""
-
-
-@dataclass
-class StepRecord:
-    """What one training step computed, kept for callbacks (cosine monitor, tests).
-
-    ``r`` is per reward ``[N, K]``; ``r_train`` what the balancer trains on (``r``, or the
-    baselines' one column). ``grads`` are the per-reward gradients (``[K, P]`` in ``parameters`` space, ``None`` in
-    ``output`` space where ``gram`` is the output-space Gram); ``weights_raw`` is ``lambda*``,
-    ``weights`` the coefficients applied (after the EMA); ``direction`` the applied gradient.
-    """
-
-    rewards: Tensor
-    r: Tensor
-    r_train: Tensor
-    gram: Tensor | None
-    weights_raw: np.ndarray
-    weights: np.ndarray
-    grads: Tensor | None
-    direction: Tensor | None
-    balance: BalanceResult | None
-    applicable: Tensor | None = None
-    """``[N, K]`` bool: the samples each reward applies to (:meth:`MarbleModule.applicability`)."""
-    loss_weights: Tensor | None = None
-    """``[N, J]`` per-image loss weights of ``r_train``'s columns (:meth:`MarbleModule.loss_weights`)."""
-
-
-@dataclass
-class GradientContext:
-    """What a gradient monitor sees of a step, before the update is applied.
-
-    ``r`` is ``[N, K]`` (one estimator per reward, whatever the balancer), ``r_applied`` the
-    ``[N]`` optimality probabilities of the update about to be applied. In ``output`` space
-    ``stats`` are :func:`~marble_pl.nft.nft_output_stats` summed over each image's training
-    timesteps (output-space Grams of any ``r``); in ``parameters`` space ``grads`` /
-    ``direction`` are the per-reward gradients and the update. :meth:`param_grads` runs one
-    forward and one backward per column over the step's micro-batches.
-    """
-
-    module: MarbleModule
-    rewards: Tensor
-    group_ids: Tensor
-    bad: Tensor
-    r: Tensor
-    r_applied: Tensor
-    stats: Tensor | None
-    grads: Tensor | None
-    direction: Tensor | None
-    grads_fn: Callable[[Tensor], Tensor]
-    weights_raw: np.ndarray | None = None
-    """This step's ``lambda*`` (from the Gram of the step's gradient space)."""
-    losses: Tensor | None = None
-    """This step's per-reward mean losses ``[K]`` (the ``loss`` normalisation's scales)."""
-    applicable: Tensor | None = None
-    """``[N, K]`` bool: the samples each reward applies to."""
-    loss_weights: Tensor | None = None
-    """``[N, K]``: each reward's loss weights (its loss averaged over its valid samples)."""
-    c_applied: Tensor | None = None
-    """``[N]``: the update's per-image loss weights (with ``r_applied``, :func:`affine_combination`)."""
-    active: np.ndarray | None = None
-    """``[K]`` bool: the rewards with samples in the batch and a usable gradient."""
-    weights_fn: Callable[[Tensor], Tensor] | None = None
-
-    def param_grads(self, r_cols: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Exact parameter-space gradients ``[J, P]`` of the batch's NFT loss for ``r_cols [N, J]``.
-
-        ``weights`` ``[N, J]`` (global loss weights, :meth:`loss_weights_for`): column ``j``'s
-        loss is ``sum_i w_ij l_i``; None: the plain mean over the batch.
-        """
-        if weights is None:
-            return self.module._all_reduce_mean(self.grads_fn(r_cols))
-        return self.module._all_reduce_sum(self.grads_fn(r_cols, weights))
-
-    def loss_weights_for(self, mask: Tensor) -> Tensor:
-        """``[N, J]`` loss weights averaging each column over its ``mask`` (global counts)."""
-        assert self.weights_fn is not None
-        return self.weights_fn(mask)
-
-    def reduce_sum(self, x: Tensor) -> Tensor:
-        """Sum over data-parallel ranks (output-space Grams add up over samples)."""
-        return self.module._all_reduce_sum(x)
-
-
-@dataclass
-class LossMask:
-    """Which samples each loss column averages over: ``mask [N, J]`` (this rank), the GLOBAL
-    count of valid images per column ``counts [J]`` (all ranks) and the per-image loss weights
-    ``weights [N, J] = mask / (count * T)`` (:func:`~marble_pl.gradients.masked_mean_weights`;
-    each of an image's ``T`` pairs carries it)."""
-
-    mask: Tensor
-    counts: Tensor
-    weights: Tensor
-
-    @property
-    def present(self) -> np.ndarray:
-        """``[J]`` bool: the columns with a valid sample on some rank."""
-        return (self.counts > 0).cpu().numpy()
-
-
-Forward = tuple[Tensor | None, Tensor]
-"""A micro-batch's ``(v_theta, v_old)`` kept for the update (``v_theta`` None: run it again)."""
-
-
-@dataclass
-class TrainingPairs:
-    """The (image, timestep) pairs one update trains on, image-major: ``x_t``, ``t``, ``v*``.
-
-    ``image[p]`` is the rollout image of pair ``p``; ``count`` pairs per image.
-    """
-
-    x_t: Tensor
-    t: Tensor
-    v_target: Tensor
-    image: Tensor
-    count: int
-
-    def __len__(self) -> int:
-        return int(self.t.shape[0])
-
-    def chunks(self, size: int | None) -> list[slice]:
-        """Consecutive micro-batches of at most ``size`` pairs (one when ``size`` is None)."""
-        n = len(self)
-        size = n if size is None else size
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-    def subset(self, part: slice) -> TrainingPairs:
-        """The pairs of ``part`` (consecutive micro-batches), images indexed as in the batch."""
-        return TrainingPairs(
-            self.x_t[part], self.t[part], self.v_target[part], self.image[part], self.count
-        )
 
 
 class MarbleModule(LightningModule):
@@ -497,7 +365,6 @@ class MarbleModule(LightningModule):
         self.last_step: StepRecord | None = None
         self.last_timing: dict[str, float] = {}
         self.policy: Policy | None = None
-        self._taps: LinearGradientTaps | None = None
         self._configured = False
         self.timesteps_count = check_timesteps(
             timesteps_per_image, timestep_sampling, num_inference_steps
@@ -508,12 +375,13 @@ class MarbleModule(LightningModule):
                 f"{balance_every_n_steps}"
             )
         try:
-            self.cadence = BalanceCadence(balance_every_n_steps, balance_on, balance_warmup_steps)
+            cadence = BalanceCadence(balance_every_n_steps, balance_on, balance_warmup_steps)
         except ValueError as err:
             raise ConfigError(
                 f"model.balance_on / balance_warmup_steps: {err} (balance_on: batch or "
                 "first_micro_batch; balance_warmup_steps >= 0)"
             ) from err
+        self.balancing = StepBalance(self, build_space(gradient_space, self), cadence)
         for name, value in (
             ("micro_batch_size", micro_batch_size),
             ("rollout_chunk_size", rollout_chunk_size),
@@ -797,64 +665,11 @@ class MarbleModule(LightningModule):
         """``v(x_t, t | cond)`` in float32 from the policy with whichever adapter is active."""
         return self.policy.velocity(x_t, t, *cond)
 
-    def _loss_kwargs(self, t: Tensor) -> dict[str, Any]:
-        hp = self.hparams
-        if hp.loss_form == "reference":
-            return {"t": t, "adaptive_weight": True, "scale": hp.a_max / hp.beta}
-        return {}
-
-    def _coefficients(
-        self,
-        m: Tensor | None,
-        losses: Tensor,
-        guard: bool = True,
-        present: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, BalanceResult | None]:
-        """``(lambda*, lambda_bar, result)``; the baselines have one column and weight 1.
-
-        ``guard=False`` folds ``lambda*`` into the EMA without the EMA guard's check (the
-        lagged balance, whose coefficients were applied before this Gram was known).
-        ``present`` (``[K]`` bool): the rewards with a valid sample in the global batch; the
-        others, and those whose gradient is zero or not finite, leave the QP with weight 0
-        (:meth:`~marble_pl.balancers.Balancer.balance`).
-        """
-        if not self.balancer.needs_gram or m is None:
-            fixed = self.balancer.fixed_weights()  # EqualAlpha: per-reward, never solved
-            one = np.ones(1) if fixed is None else fixed
-            return one, one, None
-        result = self.balancer.balance(m, losses.detach().double().cpu().numpy(), present)
-        if result.active is not None and not result.active.any():
-            # Nothing to balance (no reward with a sample and a usable gradient): zero weights,
-            # the update is skipped (`trains_any_reward`, or its non-finite gradient), the EMA
-            # is left untouched.
-            return result.weights, result.weights, result
-        if result.fallback:
-            self.counters["qp_fallbacks"] += 1
-        raw = self._broadcast(result.weights)
-        return raw, self._smooth(raw, m if guard else None, result.active), result
-
     @staticmethod
     def trains_any_reward(weights: np.ndarray, present: np.ndarray) -> bool:
         """Whether the update trains some reward: one with a nonzero coefficient has samples."""
         w = np.asarray(weights, dtype=np.float64)
         return bool(np.any((w != 0) & np.asarray(present, dtype=bool)))
-
-    @staticmethod
-    def _active(present: np.ndarray, result: BalanceResult | None) -> np.ndarray:
-        """``[K]`` bool: the rewards with samples and (when balanced) a usable gradient."""
-        active = None if result is None else result.active
-        return present & active if active is not None and active.shape == present.shape else present
-
-    def coefficients_for(self, m: Tensor, losses: Tensor | None = None) -> np.ndarray:
-        """The configured balancer's ``lambda*`` for another Gram ``m``, leaving its state alone.
-
-        A fresh balancer of the same spec solves it (no warm start), so an audit does not move
-        the training's solver state (exact resume).
-        """
-        fresh = resolve_balancer(self.balancer.spec())
-        fresh.bind(self.reward_names)
-        host = None if losses is None else losses.detach().double().cpu().numpy()
-        return fresh.balance(m.detach().double().cpu().numpy(), host).weights
 
     def _grad_norm(self) -> float:
         """Norm of the gradient about to be applied (identical on every rank after the sync)."""
@@ -893,29 +708,6 @@ class MarbleModule(LightningModule):
             return "no_reward"
         return None
 
-    def _coefficient_ema(self) -> Any:
-        """The attached ``CoefficientEMA`` callback, if any."""
-        from marble_pl.callbacks.coefficient_ema import CoefficientEMA
-
-        if self._trainer is None:
-            return None
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, CoefficientEMA)), None)
-
-    def _smooth(
-        self, weights: np.ndarray, m: Tensor | None, active: np.ndarray | None = None
-    ) -> np.ndarray:
-        """``lambda_bar`` from the CoefficientEMA callback when one is attached, else ``lambda*``."""
-        ema = self._coefficient_ema()
-        if ema is None:
-            return weights
-        return ema.update(weights, m) if active is None else ema.update(weights, m, active)
-
-    def _gradient_monitors(self) -> list[Any]:
-        """Callbacks that want to see each step's gradients (``on_marble_gradients``)."""
-        if self._trainer is None:
-            return []
-        return [cb for cb in self.trainer.callbacks if hasattr(cb, "on_marble_gradients")]
-
     def _all_reduce_sum(self, x: Tensor) -> Tensor:
         """Sum over data-parallel ranks (identity on one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -937,118 +729,57 @@ class MarbleModule(LightningModule):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        hp = self.hparams
+        """One MARBLE step on a batch of prompts (ARCHITECTURE §2), one optimizer update."""
         prompts, group_ids = batch["prompts"], batch["group_ids"].to(self.device)
-        t0 = time.perf_counter()
+        metadata, n, t0 = batch.get("metadata"), len(prompts), time.perf_counter()
 
         # 1. Rollout with the sampling policy v_old (no grad), per-sample seeded noise.
-        n = len(prompts)
         out = self.rollout_batch(prompts)
-        x0 = out.latents
         t1 = time.perf_counter()
 
         # 2-3. K rewards -> per-reward advantages -> optimality probabilities r.
-        metadata = batch.get("metadata")
         rewards = self.score(out.images, prompts, metadata)
         applicable = self.applicability(prompts, metadata)  # [N, K]: where each reward applies
         bad = self._check_finite(rewards, applicable)
         r_each, r, mask = self.estimators(rewards, group_ids, bad, applicable)  # r: what trains
-        r_each, r = r_each.to(x0.dtype), r.to(x0.dtype)
+        r_each, r = r_each.to(out.latents.dtype), r.to(out.latents.dtype)
         t2 = time.perf_counter()
 
         # 4. Training pairs: T timesteps per image, fresh noise each, x_t on the forward process.
         #    Each reward's loss is averaged over the pairs it applies to (global count): w [N, J].
-        pairs = self.training_pairs(x0)
+        pairs = self.training_pairs(out.latents)
         each = self.loss_mask(applicable, pairs.count)  # per reward
         train = each if mask is applicable else self.loss_mask(mask, pairs.count)  # r's columns
-        w, present = train.weights, train.present
-        cond = self.policy.condition(out)
-        monitors = self._gradient_monitors()
+        step = StepBatch(pairs, self.policy.condition(out), r, train.weights, train.present)
+        watch = GradientWatch(
+            self, ScoredBatch(rewards, group_ids, bad, r_each, applicable, each), step
+        )
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
 
-        # 5-7. Per-reward gradients of the WHOLE batch -> balance (OSQP) -> coefficient EMA.
-        grads = direction = m = stats = kept = None
-        reuse = self._reuse_mode(pairs)  # earlier lambda_bar: "lagged" (Gram after) or "between"
-        lagged = reuse == "lagged"
-        if reuse is None and hp.gradient_space != "output":  # exact: K backwards (two: gramian)
-            grads, kl_grad, losses, kl = self.parameter_space_grads(pairs, cond, r, w)
-            m = gram(grads)
-        elif reuse is None:
-            need_stats = self.balancer.needs_gram or bool(monitors)
-            stats, losses, kept = self.output_space_stats(pairs, cond, r, need_stats, w)
-            m = self._output_gram(stats, r, w)
-        solved = self._solve_micro_batches(pairs, cond, r, w, present) if reuse == "micro" else None
-        if reuse:
-            coefficients = self._previous_coefficients(present, between=reuse == "between")
-        else:
-            coefficients = self._coefficients(m, losses, present=present)
-        raw, weights, result = coefficients
-        lam = torch.as_tensor(weights, dtype=r.dtype, device=r.device)
-
-        def unclipped() -> Tensor:  # r without the per-reward clip (clip_combined_advantage)
-            return self.optimality_probabilities(
-                rewards, group_ids, bad, None, applicable, clip=False
-            )
-
-        r_bar, c = self._combination(r, w, lam, reuse, unclipped)  # the update's r and weight
-        mixes = None
-        if solved is not None:  # the solving micro-batches apply their own fresh coefficients
-            fresh, raw, result = solved
-            mixes = [
-                None if f is None else affine_combination(r, w, self._as_lam(f, r)) for f in fresh
-            ]
-        if grads is not None:
-            direction = update_direction(grads, lam.to(grads.dtype))
-
-        def notify(stats: Tensor | None) -> None:  # gradient monitors see the balanced step
-            ctx = GradientContext(
-                self, rewards, group_ids, bad, r_each, r_bar, stats, grads,
-                direction, grads_fn=lambda cols, wts=None: self.loss_grads(pairs, cond, cols, wts),
-                weights_raw=raw, losses=losses, applicable=applicable, loss_weights=each.weights,
-                c_applied=c, active=self._active(each.present, result),
-                weights_fn=lambda mk: self.loss_mask(mk, pairs.count).weights,
-            )  # fmt: skip
-            for cb in monitors:
-                cb.on_marble_gradients(self.trainer, self, ctx)
-
-        if monitors and reuse is None:
-            notify(stats)
-        elif monitors and reuse == "between":
-            self._audit_between(monitors, pairs, cond, r, w, lam, each.present)
+        # 5-7. Per-reward gradients in the gradient space -> balance (OSQP) -> coefficient EMA,
+        #      or the earlier coefficients, as the cadence says (marble_pl.cadence).
+        unclipped = partial(  # r without the per-reward clip (clip_combined_advantage)
+            self.optimality_probabilities, rewards, group_ids, bad, None, applicable, clip=False
+        )
+        plan = self.balancing.plan(step, unclipped, monitored=bool(watch.monitors))
+        watch.before(plan)
 
         # 8. ONE update along d = sum_k lambda_bar_k g_k (+ the KL gradient), all micro-batches.
-        if direction is not None:
-            assign_flat_grad(self.lora_params, direction + kl_grad)
-            loss = losses.detach() @ lam.to(losses.dtype)
-        else:
-            loss, kl, seen = self.accumulate_update(
-                pairs,
-                cond,
-                r_bar,
-                kept,
-                stats_of=r if lagged else None,
-                weights=(c, w),
-                mixes=mixes,
-            )
-        if lagged:  # this batch's Gram, seen by the update's own forwards, for the next step
-            stats, losses = seen
-            m = self._output_gram(stats, r, w)
-            raw, _, result = self._coefficients(m, losses, guard=False, present=present)
-            if monitors:
-                notify(stats)
-        trains = self.trains_any_reward(weights, present)
-        if self.optimizer_step_or_skip(opt, trains):  # 9. v_old <- EMA(v_theta) on LoRA weights.
-            self.update_adapter_averages()
+        loss, kl = self.balancing.apply(plan, step)
+        watch.after(plan)
+        if self.optimizer_step_or_skip(opt, self.trains_any_reward(plan.weights, step.present)):
+            self.update_adapter_averages()  # 9. v_old <- EMA(v_theta) on the LoRA weights.
         t3 = time.perf_counter()
 
         self.last_step = StepRecord(
-            rewards, r_each, r, m, raw, weights, grads, direction, result, applicable, w
-        )
-        self.last_timing = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2}
-        unused = bad | ~applicable  # scores that are no reward's signal: not in the means
+            rewards, r_each, r, plan.gram, plan.raw, plan.weights, plan.grads, plan.direction,
+            plan.result, applicable, train.weights,
+        )  # fmt: skip
         times = (t1 - t0, t2 - t1, t3 - t2)
-        self._log_step(rewards, unused, loss, kl, raw, weights, result, times, n)
+        self.last_timing = dict(zip(("rollout_s", "reward_s", "update_s"), times, strict=True))
+        unused = bad | ~applicable  # scores that are no reward's signal: not in the means
+        self._log_step(rewards, unused, loss, kl, plan.raw, plan.weights, plan.result, times, n)
         self._log_applicability(rewards, unused, each.counts, metadata, n)
         return loss.detach()
 
@@ -1094,293 +825,6 @@ class MarbleModule(LightningModule):
         image = torch.arange(n, device=x0.device).repeat_interleave(count)
         return TrainingPairs((1 - tt) * x0_p + tt * eps, t, eps - x0_p, image, count)
 
-    def _pair_forward(
-        self, pairs: TrainingPairs, mb: slice, cond: Conditioning, *, v_old: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
-        """``(v_theta, v_old, v*, loss kwargs)`` of one micro-batch; ``v_theta`` with grad if on."""
-        rows = tuple(c[pairs.image[mb]] for c in cond)
-        x_t, t = pairs.x_t[mb], pairs.t[mb]
-        if v_old is None:
-            with torch.no_grad(), self.policy.use_adapter(self.policy.sampling_adapter):
-                v_old = self.velocity(x_t, t, *rows)
-        v_theta = self.velocity(x_t, t, *rows)
-        return v_theta, v_old, pairs.v_target[mb], self._loss_kwargs(t)
-
-    def _kl(self, pairs: TrainingPairs, mb: slice, cond: Conditioning, v_theta: Tensor):
-        """``kl_beta * sum over the micro-batch of mean (v_theta - v_ref)^2`` (base model v_ref)."""
-        rows = tuple(c[pairs.image[mb]] for c in cond)
-        with torch.no_grad(), self.policy.use_adapter(None):
-            v_ref = self.velocity(pairs.x_t[mb], pairs.t[mb], *rows)
-        return self.hparams.kl_beta * (v_theta - v_ref).square().flatten(1).mean(1).sum()
-
-    def output_space_stats(
-        self,
-        pairs: TrainingPairs,
-        cond: Conditioning,
-        r: Tensor,
-        need_stats: bool,
-        w: Tensor | None = None,
-    ) -> tuple[Tensor | None, Tensor | None, list[Forward] | None]:
-        """Output-space statistics per image (summed over its timesteps) and the losses.
-
-        One micro-batch: its forward WITH grad gives them, and is kept for the update (no extra
-        cost). More: a no-grad forward of every micro-batch first (the balance needs the whole
-        batch), whose ``v_old`` is kept. Returns ``(stats [N, 3], losses [K], kept forwards)``;
-        ``losses`` are ``L_k = sum_p w_pk l_p(r_pk)`` over every rank (``w`` per image, the
-        plain mean when None).
-        """
-        chunks = pairs.chunks(self.hparams.micro_batch_size)
-        if not need_stats:
-            return None, None, None
-        seen: tuple[Tensor, Tensor] | None = None
-        kept: list[Forward] = []
-        for mb in chunks:
-            if len(chunks) == 1:  # with grad, kept for the update: no extra forward
-                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-                kept.append((v_theta, v_old))
-            else:
-                with torch.no_grad():
-                    v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-                kept.append((None, v_old))
-            seen = self._fold_stats(seen, pairs, mb, r, (v_theta, v_old, v_target), kw, w)
-        stats, loss_sum = seen
-        return stats, self._reduce_losses(loss_sum, len(pairs), w).to(r.dtype), kept
-
-    def _reduce_losses(self, loss_sum: Tensor, total: int, w: Tensor | None) -> Tensor:
-        """The batch's losses from this rank's sums: weighted sums add up over the ranks."""
-        return loss_sum / total if w is None else self._all_reduce_sum(loss_sum)
-
-    def accumulate_update(
-        self,
-        pairs: TrainingPairs,
-        cond: Conditioning,
-        r_bar: Tensor,
-        kept: list[Forward] | None,
-        stats_of: Tensor | None = None,
-        weights: tuple[Tensor, Tensor] | None = None,
-        mixes: Sequence[tuple[Tensor, Tensor] | None] | None = None,
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        """Backward of ``sum_p c_p l_p(r_bar_p) + KL`` over all micro-batches: gradients add up.
-
-        ONE backward per micro-batch gives ``sum_k lambda_bar_k g_k`` (the loss is affine in r,
-        :func:`~marble_pl.gradients.affine_combination` gives ``r_bar`` and ``c``). ``weights``
-        is ``(c [N], w [N, K])`` per image (None: ``c`` the plain mean, ``w`` too); ``c`` holds
-        the global denominators, so each rank's objective is scaled by the world size against
-        DDP's averaging. Returns the loss, the KL term (None when ``kl_beta == 0``) and, for
-        ``stats_of`` (``r [N, K]``, the lagged balance; ``w`` its loss weights), the
-        output-space statistics and losses the same forwards give at no extra cost. ``mixes[i]``
-        (when given and not None) replaces ``(r_bar, c)`` on micro-batch ``i`` (the micro-batches
-        that solved their own coefficients, :meth:`_solve_micro_batches`).
-        """
-        hp = self.hparams
-        total = float(len(pairs))
-        c, w = (None, None) if weights is None else weights
-        world = self.trainer.world_size if self._trainer is not None else 1
-        loss_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
-        kl_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
-        chunks = pairs.chunks(hp.micro_batch_size)
-        seen: tuple[Tensor, Tensor] | None = None
-        for i, mb in enumerate(chunks):
-            v_theta, v_old = kept[i] if kept is not None else (None, None)
-            if v_theta is None:
-                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=v_old)
-            else:
-                v_target, kw = pairs.v_target[mb], self._loss_kwargs(pairs.t[mb])
-            if stats_of is not None:
-                v = (v_theta, v_old, v_target)
-                seen = self._fold_stats(seen, pairs, mb, stats_of, v, kw, w)
-            mix = mixes[i] if mixes is not None else None
-            rb, cc = (r_bar, c) if mix is None else mix
-            per = nft_loss(v_theta, v_old, v_target, rb[pairs.image[mb]], hp.beta, **kw)
-            if cc is None:
-                objective = per.sum() / total
-            else:
-                objective = (per * cc[pairs.image[mb]].to(per.dtype)).sum() * world
-            loss_sum += objective.detach().double()
-            if hp.kl_beta > 0:
-                kl = self._kl(pairs, mb, cond, v_theta) / total
-                objective = objective + kl
-                kl_sum += kl.detach().double()
-            with self._no_sync_unless(i == len(chunks) - 1):
-                self.manual_backward(objective)
-        kl_out = kl_sum.float() if hp.kl_beta > 0 else None
-        if seen is not None:
-            seen = (seen[0], self._reduce_losses(seen[1], len(pairs), w).to(stats_of.dtype))
-        return loss_sum.float(), kl_out, seen
-
-    def _fold_stats(
-        self,
-        seen: tuple[Tensor, Tensor] | None,
-        pairs: TrainingPairs,
-        mb: slice,
-        r: Tensor,
-        v: tuple[Tensor, Tensor, Tensor],
-        kw: dict[str, Any],
-        w: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Add one micro-batch's per-image output statistics and per-reward loss sums
-        (weighted by ``w [N, K]`` per image when given)."""
-        hp = self.hparams
-        if seen is None:
-            seen = (
-                torch.zeros(r.shape[0], 3, dtype=torch.float64, device=r.device),
-                torch.zeros(r.shape[1], dtype=torch.float64, device=r.device),
-            )
-        stats, loss_sum = seen
-        v_theta, v_old, v_target = v[0].detach(), v[1], v[2]
-        with torch.no_grad():
-            stats.index_add_(
-                0, pairs.image[mb], nft_output_stats(v_theta, v_old, v_target, hp.beta, **kw)
-            )
-            rows = r[pairs.image[mb]]
-            losses = nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw)
-            if w is not None:
-                losses = losses * w[pairs.image[mb]].to(losses.dtype)
-            loss_sum += losses.double().sum(0)
-        return stats, loss_sum
-
-    def _output_gram(self, stats: Tensor | None, r: Tensor, w: Tensor) -> Tensor | None:
-        """The global output-space Gram of the batch's losses ``L_k = sum_i w_ik l_i(r_ik)``
-        (MARBLE only; all ranks' samples)."""
-        if not self.balancer.needs_gram or stats is None:
-            return None
-        return self._all_reduce_sum(output_gram(stats, r, weights=w))
-
-    def _reuse_mode(self, pairs: TrainingPairs) -> Literal["lagged", "between", "micro"] | None:
-        """Whether this step applies earlier batches' coefficients instead of balancing first.
-
-        ``micro``: the cadence (:class:`~marble_pl.balance.BalanceCadence`) solves on some
-        micro-batches only (:meth:`_solve_micro_batches`); the others apply the cached
-        coefficients. ``between``: a step between two balanced ones (``balance_every_n_steps``):
-        no Gram at all. ``lagged`` (``lagged_balance``): only where it saves work, in output
-        space with more than one micro-batch; this batch's Gram is folded in after the update.
-        The last two need earlier coefficients (the first step is balanced exactly) and a
-        balancer that uses them.
-        """
-        hp = self.hparams
-        if not self.balancer.needs_gram:
-            return None
-        chunks = len(pairs.chunks(hp.micro_batch_size))
-        groups = self.cadence.groups(self.global_step, chunks)
-        if groups and groups != (tuple(range(chunks)),):
-            return "micro"
-        if self._previous_weights() is None:
-            return None
-        if not groups:
-            return "between"
-        if (
-            hp.lagged_balance
-            and hp.gradient_space == "output"
-            and len(pairs.chunks(hp.micro_batch_size)) > 1
-        ):
-            return "lagged"
-        return None
-
-    def _combination(
-        self,
-        r: Tensor,
-        w: Tensor,
-        lam: Tensor,
-        reuse: str | None,
-        unclipped: Callable[[], Tensor],
-    ) -> tuple[Tensor, Tensor]:
-        """``(r_bar, c)`` of the update (:func:`affine_combination`). With cached coefficients
-        (``between``, ``micro``) and ``clip_combined_advantage``: the combination of the
-        unclipped ``r`` clipped to ``[0, 1]``, i.e. ``clip(sum_k lambda_k A_k, a_max)`` (the paper
-        authors' amortized step)."""
-        if reuse not in ("between", "micro") or not self.hparams.clip_combined_advantage:
-            return affine_combination(r, w, lam)
-        r_bar, c = affine_combination(unclipped().to(r.dtype), w, lam)
-        return r_bar.clamp(0.0, 1.0), c
-
-    @staticmethod
-    def _as_lam(weights: np.ndarray, r: Tensor) -> Tensor:
-        """Coefficients as a tensor on ``r``'s dtype and device."""
-        return torch.as_tensor(weights, dtype=r.dtype, device=r.device)
-
-    def _solve_micro_batches(
-        self,
-        pairs: TrainingPairs,
-        cond: Conditioning,
-        r: Tensor,
-        w: Tensor,
-        present: np.ndarray,
-    ) -> tuple[list[np.ndarray | None], np.ndarray, BalanceResult | None]:
-        """The cadence's solves of this step, each on its group of micro-batches' own Gram.
-
-        Returns the coefficients each micro-batch applies (None: the cached ones, read after
-        the solves), and the last solve's ``lambda*`` and result (logged). Each solve goes
-        through the coefficient EMA like a balanced step (``apply: fresh_on_solve`` returns the
-        fresh ``lambda*``).
-        """
-        chunks = pairs.chunks(self.hparams.micro_batch_size)
-        fresh: list[np.ndarray | None] = [None] * len(chunks)
-        raw, result = np.ones(1), None
-        for group in self.cadence.groups(self.global_step, len(chunks)):
-            sub = pairs.subset(slice(chunks[group[0]].start, chunks[group[-1]].stop))
-            if self.hparams.gradient_space != "output":
-                grads, _, losses, _ = self.parameter_space_grads(sub, cond, r, w)
-                m = gram(grads)
-            else:
-                stats, losses, _ = self.output_space_stats(sub, cond, r, True, w)
-                m = self._output_gram(stats, r, w)
-            raw, applied, result = self._coefficients(m, losses, present=present)
-            for i in group:
-                fresh[i] = applied
-        return fresh, raw, result
-
-    def _previous_weights(self) -> np.ndarray | None:
-        """``lambda_bar`` of the earlier batches (the EMA's value, else the last balance's
-        ``lambda*`` as applied: :attr:`~marble_pl.balancers.Balancer.last_applied`, not the
-        solver's warm start, which may live in a normalised space)."""
-        ema = self._coefficient_ema()
-        value = ema.value if ema is not None else None
-        return value if value is not None else self.balancer.last_applied
-
-    def _previous_coefficients(
-        self, present: np.ndarray | None = None, between: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, None]:
-        """``(lambda*, lambda_bar)`` to apply under the lagged balance (no solve on this step).
-
-        Restricted to the rewards ``present`` in this batch and renormalised (all zero when
-        none of them has weight: the update is skipped). ``between`` balanced steps the
-        coefficient EMA's guard checks them on the last balanced Gram (stale; its
-        ``check_between``); the lagged balance has no Gram to check them on.
-        """
-        previous = np.asarray(self._previous_weights(), dtype=np.float64)
-        ema = self._coefficient_ema()
-        checked = ema.between(present) if between and ema is not None else None
-        if checked is not None:
-            return previous, checked, None
-        if present is None or previous.shape != np.shape(present) or np.all(present):
-            return previous, previous, None
-        kept = np.where(present, previous, 0.0)
-        total = float(kept.sum())
-        return previous, kept / total if total > 0 else kept, None
-
-    def _audit_between(
-        self,
-        monitors: list[Any],
-        pairs: TrainingPairs,
-        cond: Conditioning,
-        r: Tensor,
-        w: Tensor | None,
-        lam: Tensor,
-        present: np.ndarray,
-    ) -> None:
-        """Exact cosines of a step between balanced ones with the update it applies, for the
-        monitors that ask (``audit_between_steps``): K more backwards on that step only."""
-        wanted = [cb for cb in monitors if getattr(cb, "audit_between_steps", False)]
-        if not wanted:
-            return
-        if w is None:
-            grads = self._all_reduce_mean(self.loss_grads(pairs, cond, r))
-        else:
-            grads = self._all_reduce_sum(self.loss_grads(pairs, cond, r, w))
-        cos = cosines(grads, update_direction(grads, lam.to(grads.dtype)))
-        for cb in wanted:
-            cb.on_marble_between(self.trainer, self, cos, np.asarray(present, dtype=bool))
-
     def optimizer_step_or_skip(self, opt: Any, trains: bool = True) -> bool:
         """Clip and step on the accumulated gradient; False when the update was skipped.
 
@@ -1419,95 +863,6 @@ class MarbleModule(LightningModule):
         if last or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
         return model.no_sync()
-
-    def parameter_space_grads(
-        self, pairs: TrainingPairs, cond: Conditioning, r: Tensor, w: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Exact per-reward gradients ``[K, P]`` of the batch's losses ``L_k = sum_p w_pk
-        l_p(r_pk)`` (``w [N, K]`` per image: each reward averaged over the pairs it applies to,
-        global counts), the KL gradient ``[P]``, the losses ``[K]`` and the KL value; K (+1)
-        backwards per micro-batch (two (+1) in ``gramian`` space). Summed over the ranks."""
-        hp = self.hparams
-        total = float(len(pairs))
-        grads = kl_grad = None
-        loss_sum = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
-        kl_sum = torch.zeros((), dtype=torch.float64, device=r.device)
-        taps = self._gradient_taps()
-        uniform = bool((w == w.flatten()[0]).all())  # one weight for all: a plain second backward
-        for mb in pairs.chunks(hp.micro_batch_size):
-            with taps or contextlib.nullcontext():
-                v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-            rows, wts = r[pairs.image[mb]], w[pairs.image[mb]].to(r.dtype)
-            kl = self._kl(pairs, mb, cond, v_theta) / total if hp.kl_beta > 0 else None
-            if taps is None:  # parameters: K (+1) backwards, one per objective
-                losses = nft_loss(v_theta, v_old, v_target, rows, hp.beta, **kw)
-                objectives = list((losses * wts).sum(0)) + ([kl] if kl is not None else [])
-                g = parameter_grads(torch.stack(objectives), self.lora_params)
-                g, g_kl = g[: r.shape[1]], (g[-1] if kl is not None else None)
-            else:  # gramian: l = r a + b per pair, two (+1) backwards whatever K is
-                e_pos, e_neg = nft_errors(
-                    v_theta, v_old, v_target, hp.beta, **self._error_kwargs(kw)
-                )
-                a, b = affine_split(e_pos, e_neg, kw.get("scale", 1.0))
-                losses = rows * a.detach().unsqueeze(1) + b.detach().unsqueeze(1)
-                if uniform:
-                    w0 = w.flatten()[0].to(a.dtype)
-                    g, g_kl = affine_reward_grads(taps, a * w0, b * w0, rows, kl)
-                else:
-                    g, g_kl = affine_reward_grads(taps, a, b, rows, kl, weights=wts)
-            grads = g if grads is None else grads + g
-            if kl is not None:
-                kl_grad = g_kl if kl_grad is None else kl_grad + g_kl
-                kl_sum += kl.detach().double()
-            loss_sum += (losses.detach() * wts).double().sum(0)
-        grads = self._all_reduce_sum(grads)
-        kl_grad = torch.zeros_like(grads[0]) if kl_grad is None else self._all_reduce_mean(kl_grad)
-        kl_out = kl_sum.float() if hp.kl_beta > 0 else None
-        return grads, kl_grad, self._all_reduce_sum(loss_sum).to(r.dtype), kl_out
-
-    def _gradient_taps(self) -> LinearGradientTaps | None:
-        """The LoRA layers' per-sample gradient taps in ``gramian`` space (None otherwise)."""
-        if self.hparams.gradient_space != "gramian":
-            return None
-        if self._taps is None:
-            self._taps = LinearGradientTaps(self.transformer, self.lora_params)
-        return self._taps
-
-    @property
-    def gramian_tap_bytes(self) -> dict[int, int]:
-        """The most bytes the ``gramian`` taps' inputs held for one micro-batch, by token count
-        (empty before any tapped forward): the tapped layers' own saved inputs."""
-        return dict(self._taps.peak_by_tokens) if self._taps is not None else {}
-
-    @staticmethod
-    def _error_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-        """The loss kwargs :func:`~marble_pl.nft.nft_errors` takes (all but ``scale``)."""
-        return {key: value for key, value in kw.items() if key != "scale"}
-
-    def loss_grads(
-        self,
-        pairs: TrainingPairs,
-        cond: Conditioning,
-        r_cols: Tensor,
-        w_cols: Tensor | None = None,
-    ) -> Tensor:
-        """``[J, P]`` parameter gradients of the batch's NFT loss, one per column of ``r_cols
-        [N, J]``: the mean over the batch, or ``sum_p w_pj l_p`` with the per-image weights
-        ``w_cols [N, J]`` (this rank's part; re-runs each micro-batch's forward)."""
-        hp = self.hparams
-        total = float(len(pairs))
-        out = None
-        for mb in pairs.chunks(hp.micro_batch_size):
-            v_theta, v_old, v_target, kw = self._pair_forward(pairs, mb, cond, v_old=None)
-            cols = r_cols[pairs.image[mb]].to(v_theta.dtype)
-            losses = nft_loss(v_theta, v_old, v_target, cols, hp.beta, **kw)
-            if w_cols is None:
-                losses = losses.sum(0) / total
-            else:
-                losses = (losses * w_cols[pairs.image[mb]].to(losses.dtype)).sum(0)
-            g = parameter_grads(losses, self.lora_params)
-            out = g if out is None else out + g
-        return out
 
     # ------------------------------------------------------------------ logging
 
@@ -1561,7 +916,7 @@ class MarbleModule(LightningModule):
             log["qp/fallbacks"] = float(self.counters["qp_fallbacks"])
         if kl is not None:
             log["kl"] = float(kl.detach())
-        ema = self._coefficient_ema()
+        ema = self.balancing.ema()
         if ema is not None and result is not None:
             log["lambda/guarded"] = float(ema.guarded)
         if ema is not None:

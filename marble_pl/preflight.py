@@ -360,7 +360,7 @@ def _taps_row(
     """The ``gramian`` taps' bytes for one timed micro-batch and scaled to the configured one:
     by pairs per micro-batch, and the image stream's inputs by image tokens (``tok``: the
     configured over the timed image tokens; text tokens are the same); empty in other spaces."""
-    held = getattr(module, "gramian_tap_bytes", None)
+    held = getattr(module.balancing.space, "tap_bytes", None)
     if not held:
         return {}
     run_total = run["batch_size"] * run["group_size"] * run["timesteps"]

@@ -14,7 +14,7 @@ import torch
 from test_module import make_module
 from torch import nn
 
-import marble_pl.module as module_mod
+import marble_pl.spaces as spaces_mod
 from marble_pl.gradients import update_direction
 from marble_pl.gramian import LinearGradientTaps, affine_reward_grads, storage_bytes
 
@@ -56,10 +56,8 @@ def _batch(module, images: int = 3, masked: bool = False):
 
 
 def _grads(module, space: str, batch, autocast: bool) -> torch.Tensor:
-    module.hparams.gradient_space = space
-    module._taps = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        grads = module.parameter_space_grads(*batch)[0]
+        grads = spaces_mod.build_space(space, module).grads(*batch)[0]
     assert grads.dtype == module.lora_params[0].dtype  # float32 LoRA: not autocast's bf16
     return grads.double()
 
@@ -84,7 +82,7 @@ def test_centred_split_keeps_bf16_per_reward_gradients_as_accurate_as_autograd(
     centred = _grads(module, "gramian", batch, autocast=True)
     uncentred_fn = functools.partial(affine_reward_grads, centre=0.0)
     with monkeypatch.context() as m:
-        m.setattr(module_mod, "affine_reward_grads", uncentred_fn)
+        m.setattr(spaces_mod, "affine_reward_grads", uncentred_fn)
         uncentred = _grads(module, "gramian", batch, autocast=True)
     module.transformer.double()  # bf16 weights upcast exactly: the error is the arithmetic's
     ref = _grads(module, "parameters", batch, autocast=False)

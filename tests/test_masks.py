@@ -88,7 +88,7 @@ class Reference(Callback):
     def on_marble_gradients(self, trainer, module, ctx) -> None:
         self.r, self.applicable, self.rewards = ctx.r.clone(), ctx.applicable.clone(), ctx.rewards
         pairs = self.pairs
-        v_theta, v_old, v_target, kw = module._pair_forward(
+        v_theta, v_old, v_target, kw = module.balancing.space.objective.pair_forward(
             pairs, slice(0, len(pairs)), self.cond, v_old=None
         )
         losses = nft_loss(v_theta, v_old, v_target, ctx.r[pairs.image], module.hparams.beta, **kw)
@@ -434,8 +434,8 @@ def test_lagged_balance_folds_the_same_masked_gram(tiny_sd3_path, tmp_path):
 def test_earlier_coefficients_apply_to_the_rewards_present_only(tiny_sd3_path):
     module = make_module(tiny_sd3_path, rewards=REWARDS)
     module.balancer.warm_start = np.array([0.2, 0.3, 0.5])
-    raw, applied, _ = module._previous_coefficients(np.array([True, True, False]))
+    raw, applied, _ = module.balancing.previous_coefficients(np.array([True, True, False]))
     np.testing.assert_allclose(raw, [0.2, 0.3, 0.5])
     np.testing.assert_allclose(applied, [0.4, 0.6, 0.0])
-    _, none, _ = module._previous_coefficients(np.zeros(3, dtype=bool))
+    _, none, _ = module.balancing.previous_coefficients(np.zeros(3, dtype=bool))
     assert not none.any() and not module.trains_any_reward(none, np.ones(3, dtype=bool))

@@ -13,7 +13,9 @@ from test_module import Recorder, fit, make_module
 
 from marble_pl.balance import EMA, BalanceCadence, min_norm_coefficients
 from marble_pl.balancers import EqualAlpha, MinNormBalancer, resolve_balancer
+from marble_pl.cadence import StepBalance
 from marble_pl.errors import ConfigError
+from marble_pl.objective import PairObjective
 
 # QP tolerance (OSQP eps 1e-9, polished): weights agree with the closed form far below this.
 QP_ATOL = 1e-6
@@ -155,7 +157,6 @@ def test_first_micro_batch_module_solves_and_applies_fresh_then_cached(tiny_sd3_
     """6 pairs in micro-batches of 3: step 0 solves on both, step 1 on none, step 2 on the first;
     a solving micro-batch applies its fresh alpha, the other the cached EMA."""
     from marble_pl.gradients import affine_combination
-    from marble_pl.module import MarbleModule
 
     module = make_module(
         tiny_sd3_path,
@@ -178,14 +179,14 @@ def test_first_micro_batch_module_solves_and_applies_fresh_then_cached(tiny_sd3_
         solves.append((module.global_step, result.weights.copy()))
         return result
 
-    original_update = MarbleModule.accumulate_update
+    original_update = PairObjective.accumulate_update
 
     def accumulate_update(self, pairs, cond, r_bar, kept, stats_of=None, weights=None, mixes=None):
         calls.append({"r_bar": r_bar.clone(), "mixes": mixes, "ema": ema.value})
         return original_update(self, pairs, cond, r_bar, kept, stats_of, weights, mixes)
 
     monkeypatch.setattr(module.balancer, "balance", balance)
-    monkeypatch.setattr(MarbleModule, "accumulate_update", accumulate_update)
+    monkeypatch.setattr(PairObjective, "accumulate_update", accumulate_update)
     rec = Recorder()
     fit(module, steps=3, callbacks=[ema, rec])
     assert [s for s, _ in solves] == [0, 0, 2]
@@ -230,7 +231,6 @@ def test_amortized_step_clips_the_combined_advantage(tiny_sd3_path, monkeypatch,
     """clip_combined_advantage: between balanced steps r_bar = clip(sum_k lambda_k A_k, a_max)
     mapped to [0, 1] (the authors' amortized step); off: the per-reward clipped r combined."""
     from marble_pl.advantages import group_advantages
-    from marble_pl.module import MarbleModule
 
     a_max = 0.3  # small, so that many |A_k| exceed it
     module = make_module(
@@ -242,13 +242,13 @@ def test_amortized_step_clips_the_combined_advantage(tiny_sd3_path, monkeypatch,
         clip_combined_advantage=clip_combined,
     )
     seen: list[torch.Tensor] = []
-    original = MarbleModule.accumulate_update
+    original = PairObjective.accumulate_update
 
     def accumulate_update(self, pairs, cond, r_bar, *args, **kwargs):
         seen.append(r_bar.clone())
         return original(self, pairs, cond, r_bar, *args, **kwargs)
 
-    monkeypatch.setattr(MarbleModule, "accumulate_update", accumulate_update)
+    monkeypatch.setattr(PairObjective, "accumulate_update", accumulate_update)
     rec, batches = Recorder(), Batches()
     fit(module, steps=2, callbacks=[rec, batches])
     assert len(seen) == 1  # the balanced step applies its direction, the next one backwards
@@ -289,7 +289,7 @@ def test_first_micro_batch_update_is_fresh_alpha_on_the_first_and_cached_on_the_
     )
     stash: dict = {}
     checked: list[tuple[torch.Tensor, torch.Tensor]] = []
-    solve, step = MarbleModule._solve_micro_batches, MarbleModule.optimizer_step_or_skip
+    solve, step = StepBalance.solve_micro_batches, MarbleModule.optimizer_step_or_skip
 
     def solve_micro_batches(self, pairs, cond, r, w, present):
         out = solve(self, pairs, cond, r, w, present)
@@ -303,7 +303,7 @@ def test_first_micro_batch_update_is_fresh_alpha_on_the_first_and_cached_on_the_
             expected = torch.zeros_like(applied)
             for i, mb in enumerate(pairs.chunks(3)):
                 lam = fresh[i] if fresh[i] is not None else ema.value
-                g, _, _, _ = self.parameter_space_grads(
+                g, _, _, _ = self.balancing.space.grads(
                     pairs.subset(mb), stash["cond"], stash["r"], stash["w"]
                 )
                 expected += torch.as_tensor(lam, dtype=torch.float64) @ g.double()
@@ -311,7 +311,7 @@ def test_first_micro_batch_update_is_fresh_alpha_on_the_first_and_cached_on_the_
             checked.append((applied, expected))
         return step(self, opt, trains)
 
-    monkeypatch.setattr(MarbleModule, "_solve_micro_batches", solve_micro_batches)
+    monkeypatch.setattr(StepBalance, "solve_micro_batches", solve_micro_batches)
     monkeypatch.setattr(MarbleModule, "optimizer_step_or_skip", optimizer_step_or_skip)
     fit(module, steps=3, callbacks=[ema])
     ((applied, expected),) = checked
