@@ -104,12 +104,12 @@ class GradientCosineMonitor(Callback):
         names = pl_module.reward_names
         k = len(names)
         w = self._ws_weights(k)
-        r_ws = pl_module.optimality_probabilities(
+        r_ws = pl_module.scorer.optimality_probabilities(
             ctx.rewards, ctx.group_ids, ctx.bad, w, ctx.applicable
         ).to(ctx.r.dtype)
         wts, c, w_ws = ctx.loss_weights, ctx.c_applied, None  # None: uniform (plain mean)
         if ctx.applicable is not None and wts is not None:
-            w_ws = ctx.loss_weights_for(pl_module.mixed_applicability(ctx.applicable, w))
+            w_ws = ctx.loss_weights_for(pl_module.scorer.mixed_applicability(ctx.applicable, w))
         if self._uniform(wts) and self._uniform(c) and self._uniform(w_ws):
             wts = c = w_ws = None  # every reward applies everywhere: the plain means
         log: dict[str, float] = {}

@@ -196,7 +196,7 @@ class StepBalance:
             return result.weights, result.weights, result
         if result.fallback:
             module.counters["qp_fallbacks"] += 1
-        raw = module._broadcast(result.weights)
+        raw = module.ranks.broadcast(result.weights)
         return raw, self.smooth(raw, m if guard else None, result.active), result
 
     def solve_micro_batches(
@@ -303,9 +303,9 @@ class StepBalance:
         module, objective = self.module, self.space.objective
         pairs, cond, r, w = batch.pairs, batch.cond, batch.r, batch.w
         if w is None:
-            grads = module._all_reduce_mean(objective.loss_grads(pairs, cond, r))
+            grads = module.ranks.mean(objective.loss_grads(pairs, cond, r))
         else:
-            grads = module._all_reduce_sum(objective.loss_grads(pairs, cond, r, w))
+            grads = module.ranks.sum(objective.loss_grads(pairs, cond, r, w))
         cos = cosines(grads, update_direction(grads, lam.to(grads.dtype)))
         present = np.asarray(batch.present, dtype=bool)
         for cb in wanted:

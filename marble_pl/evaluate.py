@@ -313,7 +313,9 @@ def load_evaluated(module: Any, lora: Mapping[str, Tensor] | None, lora_dir: Pat
     LoRA folder is loaded by diffusers, with the ``LoraConfig`` stored in its metadata."""
     if lora is not None:
         state = {"state_dict": dict(lora)}
-        module._check_lora_keys(state)
+        from marble_pl.checkpointing import check_lora_keys
+
+        check_lora_keys(module, state)
         module.load_state_dict(state["state_dict"], strict=False)
         return module.eval_adapter
     if lora_dir is None:

@@ -93,8 +93,8 @@ class GradientContext:
         loss is ``sum_i w_ij l_i``; None: the plain mean over the batch.
         """
         if weights is None:
-            return self.module._all_reduce_mean(self.grads_fn(r_cols))
-        return self.module._all_reduce_sum(self.grads_fn(r_cols, weights))
+            return self.module.ranks.mean(self.grads_fn(r_cols))
+        return self.module.ranks.sum(self.grads_fn(r_cols, weights))
 
     def loss_weights_for(self, mask: Tensor) -> Tensor:
         """``[N, J]`` loss weights averaging each column over its ``mask`` (global counts)."""
@@ -103,7 +103,7 @@ class GradientContext:
 
     def reduce_sum(self, x: Tensor) -> Tensor:
         """Sum over data-parallel ranks (output-space Grams add up over samples)."""
-        return self.module._all_reduce_sum(x)
+        return self.module.ranks.sum(x)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class ScoredBatch:
     each: LossMask
 
 
-def active_rewards(present: np.ndarray, result: BalanceResult | None) -> np.ndarray:
+def present_and_active(present: np.ndarray, result: BalanceResult | None) -> np.ndarray:
     """``[K]`` bool: the rewards with samples and (when balanced) a usable gradient."""
     active = None if result is None else result.active
     return present & active if active is not None and active.shape == present.shape else present
@@ -159,8 +159,8 @@ class GradientWatch:
             grads_fn=lambda cols, wts=None: objective.loss_grads(pairs, cond, cols, wts),
             weights_raw=plan.raw, losses=measured.losses, applicable=s.applicable,
             loss_weights=s.each.weights, c_applied=plan.c,
-            active=active_rewards(s.each.present, plan.result),
-            weights_fn=lambda mk: module.loss_mask(mk, pairs.count).weights,
+            active=present_and_active(s.each.present, plan.result),
+            weights_fn=lambda mk: module.scorer.loss_mask(mk, pairs.count).weights,
         )  # fmt: skip
         for cb in self.monitors:
             cb.on_marble_gradients(module.trainer, module, ctx)

@@ -137,7 +137,7 @@ class PairObjective:
 
     def reduce_losses(self, loss_sum: Tensor, total: int, w: Tensor | None) -> Tensor:
         """The batch's losses from this rank's sums: weighted sums add up over the ranks."""
-        return loss_sum / total if w is None else self.module._all_reduce_sum(loss_sum)
+        return loss_sum / total if w is None else self.module.ranks.sum(loss_sum)
 
     def fold_stats(
         self,
@@ -195,7 +195,7 @@ class PairObjective:
         hp, module = self.hparams, self.module
         total = float(len(pairs))
         c, w = (None, None) if weights is None else weights
-        world = module.trainer.world_size if module._trainer is not None else 1
+        world = module.ranks.world
         loss_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=r_bar.device)
         chunks = pairs.chunks(hp.micro_batch_size)
@@ -221,7 +221,7 @@ class PairObjective:
                 kl = self.kl(pairs, mb, cond, v_theta) / total
                 objective = objective + kl
                 kl_sum += kl.detach().double()
-            with module._no_sync_unless(i == len(chunks) - 1):
+            with module.ranks.no_sync_unless(i == len(chunks) - 1):
                 module.manual_backward(objective)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
         if seen is not None:

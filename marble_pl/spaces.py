@@ -151,7 +151,7 @@ class OutputSpace(GradientSpace):
         (balancers that use a Gram only; all ranks' samples)."""
         if not self.module.balancer.needs_gram or stats is None:
             return None
-        return self.module._all_reduce_sum(output_gram(stats, r, weights=w))
+        return self.module.ranks.sum(output_gram(stats, r, weights=w))
 
 
 class ParameterSpace(GradientSpace):
@@ -227,12 +227,10 @@ class ParameterSpace(GradientSpace):
                 kl_grad = g_kl if kl_grad is None else kl_grad + g_kl
                 kl_sum += kl.detach().double()
             loss_sum += (losses.detach() * wts).double().sum(0)
-        grads = module._all_reduce_sum(grads)
-        kl_grad = (
-            torch.zeros_like(grads[0]) if kl_grad is None else module._all_reduce_mean(kl_grad)
-        )
+        grads = module.ranks.sum(grads)
+        kl_grad = torch.zeros_like(grads[0]) if kl_grad is None else module.ranks.mean(kl_grad)
         kl_out = kl_sum.float() if hp.kl_beta > 0 else None
-        return grads, kl_grad, module._all_reduce_sum(loss_sum).to(r.dtype), kl_out
+        return grads, kl_grad, module.ranks.sum(loss_sum).to(r.dtype), kl_out
 
 
 class GramianSpace(ParameterSpace):

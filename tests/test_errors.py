@@ -361,6 +361,9 @@ def test_micro_batch_larger_than_the_step_is_said(tiny_sd3_path):
     """Not silently accepted: the step runs as one micro-batch, and a warning says so."""
     from types import SimpleNamespace
 
+    from marble_pl.settings import check_micro_batch_size
+
+    data = SimpleNamespace(batch_size=2, group_size=4)
     module = MarbleModule(
         pretrained_model_name_or_path=str(tiny_sd3_path),
         micro_batch_size=100,
@@ -368,10 +371,10 @@ def test_micro_batch_larger_than_the_step_is_said(tiny_sd3_path):
         timesteps_per_image=0.5,
     )
     with pytest.warns(UserWarning, match=r"micro_batch_size is 100 but a step has only 24"):
-        module._check_micro_batch_size(SimpleNamespace(batch_size=2, group_size=4))
+        check_micro_batch_size(module.hparams.micro_batch_size, data, module.timesteps_count)
     module.hparams.micro_batch_size = 24
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        module._check_micro_batch_size(SimpleNamespace(batch_size=2, group_size=4))
+        check_micro_batch_size(module.hparams.micro_batch_size, data, module.timesteps_count)

@@ -51,7 +51,7 @@ def _batch(module, images: int = 3, masked: bool = False):
     mask = torch.ones(images, 3, dtype=torch.bool)
     if masked:
         mask[0, 1] = False
-    w = module.loss_mask(mask, pairs.count).weights
+    w = module.scorer.loss_mask(mask, pairs.count).weights
     return pairs, (embeds, pooled), r, w
 
 

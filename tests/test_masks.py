@@ -25,6 +25,7 @@ from marble_pl.balancers import MinNormBalancer
 from marble_pl.data import PromptDataModule
 from marble_pl.gradients import affine_combination, masked_mean_weights
 from marble_pl.nft import nft_loss, nft_output_grad, nft_output_stats, output_gram
+from marble_pl.updates import trains_any_reward
 
 # Each reward applies to a different subset of the prompts (any 3 of them hold each reward).
 PROMPTS = [
@@ -390,7 +391,7 @@ def test_applicability_and_the_means_per_source_are_logged(tiny_sd3_path):
     rewards = torch.tensor([[0.1, 0.2, 9.0], [9.0, 0.4, 0.5], [9.0, 9.0, 0.7]])
     logged: dict[str, float] = {}
     module.log_dict = lambda values, **kw: logged.update(values)
-    module._log_applicability(rewards, ~applicable, applicable.sum(0).double(), metadata, 3)
+    module.step_log.log_applicability(rewards, ~applicable, applicable.sum(0).double(), metadata, 3)
     assert logged == {
         "rewards/a/applicable": 1.0,
         "rewards/b/applicable": 2.0,
@@ -438,4 +439,4 @@ def test_earlier_coefficients_apply_to_the_rewards_present_only(tiny_sd3_path):
     np.testing.assert_allclose(raw, [0.2, 0.3, 0.5])
     np.testing.assert_allclose(applied, [0.4, 0.6, 0.0])
     _, none, _ = module.balancing.previous_coefficients(np.zeros(3, dtype=bool))
-    assert not none.any() and not module.trains_any_reward(none, np.ones(3, dtype=bool))
+    assert not none.any() and not trains_any_reward(none, np.ones(3, dtype=bool))

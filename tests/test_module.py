@@ -234,7 +234,7 @@ def test_baselines_train_on_the_combined_reward(tiny_sd3_path, balancer, space):
     fit(module, steps=1, callbacks=[spy])
     rec = module.last_step
     assert rec.r_train.shape[1] == 1 and rec.r.shape[1] == 3 and rec.balance is None
-    np.testing.assert_allclose(module.effective_weights(rec.weights), w)
+    np.testing.assert_allclose(module.step_log.effective_weights(rec.weights), w)
     assert_trained_on(module, spy)
 
 

@@ -150,6 +150,16 @@ class Policy(ABC):
         """Build a tiny random pipeline at ``path`` if it holds none (``build_tiny_if_missing``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot build a tiny pipeline")
 
+    def build_tiny_once(self, path: str, trainer: Any) -> None:
+        """:meth:`build_tiny` on global rank 0 while the other ranks wait at a barrier (ranks
+        racing to build, or loading a folder still being written, would load a half-built one)."""
+        if trainer is None or trainer.world_size == 1:
+            self.build_tiny(path)
+            return
+        if trainer.is_global_zero:
+            self.build_tiny(path)
+        trainer.strategy.barrier("marble_ensure_tiny_model")
+
     def condition(self, out: RolloutOutput) -> Conditioning:
         """The conditioning a rollout was sampled with (what the training pairs see)."""
         return (out.prompt_embeds, out.pooled_prompt_embeds)
