@@ -86,6 +86,7 @@ class MarbleModule(LightningModule):
     def __init__(
         self,
         pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3.5-medium",
+        family: str | None = None,
         local_files_only: bool = False,
         build_tiny_if_missing: bool = False,
         load_t5: bool = True,
@@ -110,6 +111,7 @@ class MarbleModule(LightningModule):
         lora_init: Literal["default", "gaussian"] = "default",
         num_inference_steps: int = 10,
         guidance_scale: float = 1.0,
+        distilled_guidance: float | None = None,
         resolution: int = 512,
         noise_level: float = 0.0,
         solver: Literal["euler", "dpm2"] = "euler",

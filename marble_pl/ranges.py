@@ -35,6 +35,7 @@ def check_ranges(
     lora_target_modules: Sequence[str],
     resolution: int,
     gradient_clip_norm: float | None,
+    distilled_guidance: float | None = None,
 ) -> None:
     """Numeric settings are in range; each message says which values work."""
     problems = [
@@ -74,6 +75,11 @@ def check_ranges(
             gradient_clip_norm is not None and not gradient_clip_norm > 0,
             f"model.gradient_clip_norm must be > 0, or null to turn clipping off, "
             f"got {gradient_clip_norm}",
+        ),
+        (
+            distilled_guidance is not None and not distilled_guidance > 0,
+            f"model.distilled_guidance must be > 0 (FLUX.1-dev's is 3.5), or null for the "
+            f"family's own, got {distilled_guidance}",
         ),
     ]
     for failed, message in problems:

@@ -18,6 +18,7 @@ from marble_pl.checks import check_choices, check_guidance, check_optimizer, che
 from marble_pl.errors import ConfigError
 from marble_pl.models import lora_init_weights
 from marble_pl.nft import check_beta
+from marble_pl.policies.base import check_distilled_guidance, family_class
 from marble_pl.rewards import PretrainedReward, Reward, build_rewards
 from marble_pl.rollout import RolloutConfig
 
@@ -56,7 +57,9 @@ def check_settings(hp: Mapping[str, Any], optimizer: Any, lr_scheduler: Any) -> 
     )
     keys = ("a_max", "t_min", "t_max", "max_nonfinite_steps", "kl_beta", "lora_rank")
     keys += ("lora_alpha", "lora_target_modules", "resolution", "gradient_clip_norm")
-    check_ranges(**{key: hp[key] for key in keys})
+    check_ranges(**{key: hp[key] for key in keys}, distilled_guidance=hp["distilled_guidance"])
+    if hp["family"] is not None:  # auto: checked when the family is chosen (build_policy)
+        check_distilled_guidance(family_class(hp["family"]), hp["distilled_guidance"])
     check_guidance(hp["guidance_scale"])
     lora_init_weights(hp["lora_init"])
     check_optimizer(optimizer, lr_scheduler)
@@ -146,7 +149,15 @@ MODULE_SETTINGS_DOC = """The module's settings, ``model.*`` in a config (``marbl
 
 Args:
     pretrained_model_name_or_path: hub id or local directory of a diffusers pipeline; its
-        ``model_index.json`` ``_class_name`` picks the family (:mod:`marble_pl.policies`).
+        ``model_index.json`` ``_class_name`` picks the family (:mod:`marble_pl.policies`)
+        unless ``family`` names it.
+    family: the model family: ``sd3``, ``flux`` (or a registered pipeline class, e.g.
+        ``FluxPipeline``); null: the pipeline's ``model_index.json`` ``_class_name``, else,
+        for a path with none yet, a guess from its name (said in a notice). A family that
+        contradicts a readable ``model_index.json`` is an error.
+    distilled_guidance: the value of a guidance-distilled denoiser's guidance input
+        embedding (FLUX.1-dev; not classifier-free guidance, one forward per step), > 0;
+        null: the family's own (FLUX.1-dev: 3.5). An error for a family without one (SD3).
     local_files_only: never touch the network when loading (as ``from_pretrained``).
     build_tiny_if_missing: build a tiny random pipeline at that path first when it holds
         none (the offline CPU run of ``configs/tiny.yaml``).

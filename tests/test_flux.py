@@ -13,6 +13,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from marble_pl.cli import MarbleCLI, main
 from marble_pl.data import PromptDataModule
+from marble_pl.errors import ConfigError
 from marble_pl.flux.tiny import ensure_tiny_flux
 from marble_pl.module import MarbleModule
 from marble_pl.policies import policy_class
@@ -212,3 +213,66 @@ def test_flux_dev_config_as_shipped_trains_a_step_on_the_tiny_flux(
     assert module.transformer.peft_config["default"].r == 64
     trained = [p for n, p in module.named_parameters() if "lora_B.default." in n]
     assert all(torch.isfinite(p).all() for p in trained) and any(p.abs().sum() > 0 for p in trained)
+
+
+def test_model_family_chooses_flux_for_a_path_not_built_yet(tmp_path):
+    """``model.family: flux`` needs no "flux" in the path's name: the tiny FLUX is built there."""
+    path = tmp_path / "my-model"
+    assert policy_class(str(path)) is not FluxPolicy  # auto: no index, no name to guess from
+    for family in ("flux", "FLUX", "FluxPipeline"):
+        assert policy_class(str(path), family) is FluxPolicy
+    module = MarbleModule(
+        pretrained_model_name_or_path=str(path), family="flux", build_tiny_if_missing=True,
+        local_files_only=True, resolution=32, max_sequence_length=16, lora_rank=4,
+    )  # fmt: skip
+    module.configure_model()
+    assert isinstance(module.policy, FluxPolicy)
+    assert (path / "model_index.json").is_file()
+
+
+def _guidance_seen(module: MarbleModule) -> torch.Tensor:
+    """The ``guidance`` the transformer is called with in one velocity evaluation."""
+    seen = {}
+
+    def spy(_, args, kwargs):
+        seen["guidance"] = kwargs["guidance"]
+
+    handle = module.transformer.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+        module.velocity(x, torch.tensor(0.5), *module.encode(["a cat", "a dog"]))
+    finally:
+        handle.remove()
+    return seen["guidance"]
+
+
+def test_distilled_guidance_reaches_the_guidance_embedding(tiny_flux):
+    common = {
+        "pretrained_model_name_or_path": str(tiny_flux), "local_files_only": True,
+        "resolution": 32, "max_sequence_length": 16, "lora_rank": 4,
+    }  # fmt: skip
+    for value, expected in ((None, 3.5), (2.0, 2.0)):
+        module = MarbleModule(distilled_guidance=value, **common)
+        module.configure_model()
+        assert torch.equal(_guidance_seen(module), torch.full((2,), expected))
+    with pytest.raises(ConfigError, match=r"model.distilled_guidance must be > 0"):
+        MarbleModule(distilled_guidance=0.0, **common)
+
+
+def test_distilled_guidance_is_refused_for_sd3(tiny_sd3_path):
+    """SD3 has no guidance embedding: an explicit family says so at once, auto when chosen."""
+    with pytest.raises(ConfigError, match=r"no guidance embedding.*flux") as err:
+        MarbleModule(family="sd3", distilled_guidance=3.5)
+    assert "\n" not in str(err.value)
+    module = MarbleModule(pretrained_model_name_or_path=str(tiny_sd3_path), distilled_guidance=3.5)
+    with pytest.raises(ConfigError, match=r"model.distilled_guidance is 3.5 but the sd3 family"):
+        module.configure_model()  # before any weight loads
+
+
+def test_print_config_shows_family_and_distilled_guidance(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/tiny_flux.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "  family: flux\n" in printed and "  distilled_guidance: null\n" in printed

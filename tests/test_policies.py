@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from marble_pl.errors import ConfigError
+from marble_pl.module import MarbleModule
 from marble_pl.policies import SD3Policy, policy_class
 from marble_pl.policies import base as policies
 
@@ -40,3 +42,26 @@ def test_a_policy_must_implement_the_interface():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete({})
+
+
+def test_a_family_name_comes_from_the_registry():
+    assert policies.family_names()["sd3"] is SD3Policy
+    assert policies.family_names()["StableDiffusion3Pipeline"] is SD3Policy
+    assert policies.family_class("SD3") is SD3Policy
+
+
+def test_a_wrong_family_name_is_one_line_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"model.family 'fluxx' .*did you mean 'flux'") as err:
+        policies.family_class("fluxx")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"did you mean 'sd3'"):
+        MarbleModule(family="sd-3")
+
+
+def test_a_family_contradicting_model_index_is_one_line(tiny_sd3_path):
+    with pytest.raises(ConfigError) as err:
+        policy_class(str(tiny_sd3_path), "flux")
+    message = str(err.value)
+    assert "\n" not in message and "'flux' (FluxPipeline)" in message
+    assert "'StableDiffusion3Pipeline'" in message and "model.family: sd3" in message
+    assert policy_class(str(tiny_sd3_path), "sd3") is SD3Policy  # agreeing: fine

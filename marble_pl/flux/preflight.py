@@ -107,7 +107,7 @@ def flux_preflight(
     if path is None:
         return None
     path = str(path)
-    if policy_class(path) is not FluxPolicy:
+    if policy_class(path, OmegaConf.select(merged, "model.family")) is not FluxPolicy:
         return None
     try:
         configs, _ = flux_configs(path)

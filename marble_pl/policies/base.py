@@ -2,7 +2,8 @@
 
 :class:`~marble_pl.module.MarbleModule` is the algorithm (rollout, rewards, balance, update); it
 never names a model family. It builds a :class:`Policy` with :func:`build_policy`, which picks
-the class registered for the pipeline's ``model_index.json`` ``_class_name``
+the family ``model.family`` names (a short name such as ``flux``, or a pipeline class), else the
+class registered for the pipeline's ``model_index.json`` ``_class_name``
 (:func:`register_policy`), and talks to the model only through it.
 
 What a new family implements (a subclass of :class:`Policy`, decorated with
@@ -25,7 +26,9 @@ What a new family implements (a subclass of :class:`Policy`, decorated with
 * :meth:`Policy.latent_shape` and :meth:`Policy.schedule_sigmas`: the shape of one image's
   latents, and the sampler's shifted timesteps (what the training timesteps are drawn from).
 
-Optional: :meth:`Policy.resolution_sizes` (check ``model.resolution`` from the configs before
+Optional: :attr:`Policy.name` (the short name ``model.family`` accepts),
+:attr:`Policy.default_distilled_guidance` (a guidance input embedding's value; None: none, and
+``model.distilled_guidance`` is refused), :meth:`Policy.resolution_sizes` (check ``model.resolution`` from the configs before
 loading), :meth:`Policy.build_tiny` (``model.build_tiny_if_missing``), :meth:`Policy.claims`
 (choose this family for a name with no readable ``model_index.json``), :meth:`Policy.condition`
 (the conditioning a rollout was sampled with). The adapters (trained ``default``, sampling
@@ -46,6 +49,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from marble_pl.errors import ConfigError
 from marble_pl.models import (
     DEFAULT_ADAPTER,
     EVAL_ADAPTER,
@@ -64,6 +68,9 @@ __all__ = [
     "Conditioning",
     "Policy",
     "build_policy",
+    "check_distilled_guidance",
+    "family_class",
+    "family_names",
     "pipeline_class_name",
     "policy_class",
     "register_policy",
@@ -90,6 +97,11 @@ class Policy(ABC):
     """
 
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    name: ClassVar[str] = ""
+    """The family's short name, as ``model.family`` accepts it (``sd3``, ``flux``)."""
+    default_distilled_guidance: ClassVar[float | None] = None
+    """The value of the denoiser's distilled-guidance input embedding when
+    ``model.distilled_guidance`` is null; None: the family has no such input."""
     transformer: nn.Module
     scheduler: Any
     lora_params: list[nn.Parameter]
@@ -254,18 +266,91 @@ def pipeline_class_name(name: str) -> str | None:
         return None
 
 
-def policy_class(name: str) -> type[Policy]:
-    """The registered family of pipeline ``name`` (see :data:`DEFAULT_PIPELINE`)."""
+def family_names() -> dict[str, type[Policy]]:
+    """Every name ``model.family`` accepts: each family's short name and its pipeline classes."""
+    names: dict[str, type[Policy]] = {}
+    for pipeline, cls in sorted(_REGISTRY.items()):
+        names.update({cls.name: cls} if cls.name else {})
+        names[pipeline] = cls
+    return names
+
+
+def _short_names() -> str:
+    """The families' short names, for messages (``flux, sd3``)."""
+    return ", ".join(sorted({cls.name for cls in _REGISTRY.values() if cls.name}))
+
+
+def family_class(family: str) -> type[Policy]:
+    """The family ``model.family`` names (a short name or a pipeline class, any case)."""
+    names = family_names()
+    lowered = {key.lower(): cls for key, cls in names.items()}
+    if str(family).lower() in lowered:
+        return lowered[str(family).lower()]
+    from marble_pl.precheck import did_you_mean
+
+    raise ConfigError(
+        f"model.family {family!r} is not a model family{did_you_mean(str(family), names)}: "
+        f"use one of {_short_names()} (or a pipeline class: {', '.join(sorted(_REGISTRY))}), "
+        "or null to choose from the model's model_index.json"
+    )
+
+
+def policy_class(name: str, family: str | None = None) -> type[Policy]:
+    """The family of pipeline ``name``: ``family`` when given (checked against a readable
+    ``model_index.json``), else the one registered for its ``_class_name``, else the one that
+    :meth:`Policy.claims` the name, else :data:`DEFAULT_PIPELINE`'s."""
     found = pipeline_class_name(name)
+    if family is not None:
+        cls = family_class(family)
+        if found is not None and found not in cls.pipeline_classes:
+            other = _REGISTRY[found].name if found in _REGISTRY else None
+            fix = f"model.family: {other}" if other else "another model.family"
+            raise ConfigError(
+                f"model.family is {family!r} ({', '.join(cls.pipeline_classes)}) but "
+                f"{os.fspath(name)}'s model_index.json says {found!r}: set {fix} or null "
+                "(auto), or point model.pretrained_model_name_or_path at that family's pipeline"
+            )
+        return cls
     if found in _REGISTRY:
         return _REGISTRY[found]
     claimed = [cls for cls in dict.fromkeys(_REGISTRY.values()) if cls.claims(os.fspath(name))]
-    return claimed[0] if claimed else _REGISTRY[DEFAULT_PIPELINE]
+    cls = claimed[0] if claimed else _REGISTRY[DEFAULT_PIPELINE]
+    how = "from its name" if claimed else "by default"
+    _notice(
+        f"model.family: no readable model_index.json at {os.fspath(name)}: {cls.name} chosen "
+        f"{how}; set model.family ({_short_names()}) to choose it yourself"
+    )
+    return cls
+
+
+_SAID: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Say ``message`` once (rank zero): how an auto family was chosen without an index."""
+    if message not in _SAID:
+        _SAID.add(message)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(message)
+
+
+def check_distilled_guidance(cls: type[Policy], value: float | None) -> None:
+    """``model.distilled_guidance`` only for a family whose denoiser has that input."""
+    if value is not None and cls.default_distilled_guidance is None:
+        with_one = sorted(c.name for c in _REGISTRY.values() if c.default_distilled_guidance)
+        raise ConfigError(
+            f"model.distilled_guidance is {value} but the {cls.name or cls.__name__} family has "
+            f"no guidance embedding (families with one: {', '.join(with_one)}): set it to null"
+        )
 
 
 def build_policy(hparams: Mapping[str, Any]) -> Policy:
-    """The policy of ``hparams["pretrained_model_name_or_path"]``, not loaded yet."""
-    return policy_class(hparams["pretrained_model_name_or_path"])(hparams)
+    """The policy of ``hparams["pretrained_model_name_or_path"]`` (``family`` when given), not
+    loaded yet; its ``distilled_guidance`` checked against the family."""
+    cls = policy_class(hparams["pretrained_model_name_or_path"], hparams.get("family"))
+    check_distilled_guidance(cls, hparams.get("distilled_guidance"))
+    return cls(hparams)
 
 
 def registered() -> Iterator[tuple[str, type[Policy]]]:

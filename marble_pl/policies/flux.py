@@ -41,7 +41,7 @@ __all__ = ["DISTILLED_GUIDANCE", "FluxPolicy", "flux_sigmas", "pack_latents", "u
 
 DISTILLED_GUIDANCE = 3.5
 """FLUX.1-dev's guidance embedding value: ``FluxPipeline``'s default and Flow-GRPO's FLUX
-recipes' ``guidance_scale``; ``model.distilled_guidance`` when the module has that setting."""
+recipes' ``guidance_scale``; ``model.distilled_guidance`` when set."""
 
 _PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 PACKING = 2
@@ -103,12 +103,14 @@ def flux_sigmas(scheduler: object, num_steps: int, latent_shape: tuple[int, ...]
 class FluxPolicy(Policy):
     """FLUX's transformer with its LoRA adapters, CLIP + T5, the VAE and the flow sampler."""
 
+    name = "flux"
+    default_distilled_guidance = DISTILLED_GUIDANCE
     components: FluxComponents
 
     @classmethod
     def claims(cls, name: str) -> bool:
-        """A shipped FLUX hub id, or a path still to be built whose last part names FLUX
-        (``runs/tiny-flux``: ``configs/tiny_flux.yaml`` before its first run)."""
+        """A shipped FLUX hub id, or a path still to be built whose last part names FLUX (a
+        guess for ``model.family: null``; the FLUX configs set ``model.family: flux``)."""
         return shipped_flux_configs(name) is not None or "flux" in Path(name).name.lower()
 
     @property
@@ -163,6 +165,12 @@ class FluxPolicy(Policy):
         self.text_encoder = parts.text_encoder
         self.text_encoder_2 = parts.text_encoder_2
         self.scheduler = parts.scheduler
+        if hp.get("distilled_guidance") is not None and not self.transformer.config.guidance_embeds:
+            raise ConfigError(
+                f"model.distilled_guidance is {hp['distilled_guidance']} but this FLUX "
+                "transformer has no guidance embedding (guidance_embeds: false, e.g. "
+                "FLUX.1-schnell): set model.distilled_guidance: null"
+            )
         self.lora_params = self.attach_adapters(self.transformer)
         if hp["gradient_checkpointing"]:
             self.transformer.enable_gradient_checkpointing()

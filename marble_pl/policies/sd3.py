@@ -27,6 +27,8 @@ _PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_
 class SD3Policy(Policy):
     """SD3's transformer with its LoRA adapters, three text encoders, VAE and scheduler."""
 
+    name = "sd3"
+
     def __init__(self, hparams) -> None:
         super().__init__(hparams)
         self._negative: tuple[Tensor, Tensor] | None = None
