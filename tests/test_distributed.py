@@ -58,29 +58,28 @@ def ddp_and_single(tmp_path: Path, **common) -> tuple[dict, dict, dict, list[str
 
 EPS32 = torch.finfo(torch.float32).eps
 REDUCTION_ULPS = 100
+LATER_STEP_BOUND = 2e-3  # see assert_global_grams_match
 """A Gram entry summed over the batch in another order (two ranks, then the all-reduce) differs
 by a few float32 ulps of its natural scale ``sqrt(G_ii G_jj)``: measured 2.6 ulps."""
 
 
 def assert_global_grams_match(grams: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
-    """The global Gram of each step equals the 1-process run's, to float32 reduction order.
+    """The global Gram of each step equals the 1-process run's, to float32 round-off.
 
     Entries are compared at their natural scale, ``sqrt(G_ii G_jj)`` (an off-diagonal entry can
     cancel to ~0, where a relative test is meaningless). Step 1 sees the same weights in both runs:
-    only the reduction order differs, so <= REDUCTION_ULPS ulps. A later step's weights differ by
-    the earlier updates' round-off, and relative to its gradients that difference grows by how
-    much the gradients shrank: the bound scales by trace(G_1) / trace(G_s) (measured: 3.1e-7 at
-    step 1; 7.5e-5 (parameters) and 2.2e-4 (gramian) at step 2, whose trace is 680x smaller,
-    against a bound of 8.1e-3; a missing all-reduce is off by O(1)).
+    only the reduction order differs, so <= REDUCTION_ULPS ulps (measured 3.1e-7 = 2.6 ulps). A
+    later step's weights already differ by step 1's round-off, moved by an update of lr 0.5, and
+    how much that moves the Gram depends on the batch: measured 4.7e-5 (output), 7.5e-5
+    (parameters), 2.2e-4 (gramian) at step 2 over two rollout noises, against LATER_STEP_BOUND =
+    2e-3. A missing all-reduce, or a rank's half batch counted alone, is off by O(1).
     """
     assert len(grams) == len(refs) > 0
-    first = float(refs[0].double().diag().sum())
     for step, (g, ref) in enumerate(zip(grams, refs, strict=True)):
         g, ref = g.double(), ref.double()
         scale = ref.diag().clamp_min(0).sqrt()
         err = float(((g - ref).abs() / torch.outer(scale, scale)).max())
-        growth = 1.0 if step == 0 else first / float(ref.diag().sum())
-        bound = REDUCTION_ULPS * EPS32 * growth
+        bound = REDUCTION_ULPS * EPS32 if step == 0 else LATER_STEP_BOUND
         assert err <= bound, (
             f"step {step + 1}: Gram differs by {err:.2e} of its scale > {bound:.2e}"
         )

@@ -397,9 +397,13 @@ def test_normalization_through_the_module(tiny_sd3_path, normalization):
     w = frank_wolfe_min_norm(m / np.trace(m), tol=1e-18)
     lam = w / s.numpy()
     lam = lam / lam.sum()
-    np.testing.assert_allclose(spy.weights_raw, lam, atol=1e-6)  # measured <= 1.4e-11
+    atol = 1e-8  # measured <= 1.4e-11
+    np.testing.assert_allclose(spy.weights_raw, lam, atol=atol)
     np.testing.assert_allclose(module.last_step.weights_raw, spy.weights_raw)
     m_raw = (g @ g.T).numpy()
     lam_none = frank_wolfe_min_norm(m_raw / np.trace(m_raw), tol=1e-18)
-    # The normalisation matters here: lambda moves by 0.63 (l2) and 0.058 (loss) from none's.
-    assert (np.abs(lam - lam_none).max() > 1e-2) == (normalization != "none")
+    # The normalisation moves lambda from none's by far more than the tolerance, so the check
+    # above tells them apart: by 0.26 (l2) and 3.3e-6 (loss: the rewards' NFT losses are mixtures
+    # weighted by r, whose mean is about 1/2 for every reward, so they differ by ~1e-5).
+    moved = np.abs(lam - lam_none).max()
+    assert moved < atol if normalization == "none" else moved > 100 * atol
