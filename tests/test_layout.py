@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "marble_pl"
 MAX_CLASS_LINES = 400
 MAX_STEP_LINES = 60
@@ -40,3 +42,17 @@ def test_the_algorithm_never_names_a_model_family():
     text = (PACKAGE / "module.py").read_text()
     for family in ("SD3", "StableDiffusion3", "Flux", "FLUX"):
         assert family not in text, family
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every folder of the package (a non-editable
+    install, as the Dockerfile's, would silently leave an unlisted one out)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {
+        ".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")
+    }
+    mapped = set(config.get("package-dir", {}))  # packages kept outside marble_pl/ (callbacks)
+    assert found | mapped == listed
