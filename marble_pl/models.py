@@ -10,12 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import string
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from transformers import (
 )
 
 from marble_pl.errors import ConfigError, MarbleUserError
+from marble_pl.tiny_build import ensure_built
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -62,10 +61,13 @@ __all__ = [
     "looks_like_local_path",
     "lora_parameters",
     "read_model_index",
+    "tiny_clip_config",
     "tiny_clip_tokenizer",
     "tiny_sd3_is_complete",
     "tiny_sd3_pipeline",
+    "tiny_t5_config",
     "tiny_t5_tokenizer",
+    "tiny_vae",
     "use_adapter",
 ]
 
@@ -299,13 +301,18 @@ def tiny_t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def _tiny_clip_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
-    """A 2-layer CLIP text encoder with projection, sized for the tiny transformer."""
-    config = CLIPTextConfig(
+def tiny_clip_config(
+    tokenizer: CLIPTokenizer,
+    *,
+    hidden_size: int = TINY_CLIP_HIDDEN,
+    projection_dim: int = TINY_CLIP_PROJECTION,
+) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder's config for ``tokenizer``, sized for a tiny transformer."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_CLIP_HIDDEN,
-        intermediate_size=2 * TINY_CLIP_HIDDEN,
-        projection_dim=TINY_CLIP_PROJECTION,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=projection_dim,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=77,
@@ -313,25 +320,46 @@ def _tiny_clip_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config)
 
 
-def _tiny_t5_encoder(tokenizer: T5TokenizerFast) -> T5EncoderModel:
-    """A 2-layer T5 encoder whose width equals joint_attention_dim, as SD3's T5 stream needs."""
-    config = T5Config(
+def tiny_t5_config(
+    tokenizer: T5TokenizerFast, *, d_model: int = TINY_JOINT_DIM, feed_forward_proj: str = "relu"
+) -> T5Config:
+    """A 2-layer T5 encoder's config whose width ``d_model`` is the transformer's
+    joint_attention_dim, as the T5 text stream needs."""
+    return T5Config(
         vocab_size=len(tokenizer),
-        d_model=TINY_JOINT_DIM,
+        d_model=d_model,
         d_kv=8,
-        d_ff=2 * TINY_JOINT_DIM,
+        d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
+        feed_forward_proj=feed_forward_proj,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config)
+
+
+def tiny_vae(*, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """A 2x-downsampling VAE of 16 latent channels (32 px -> 16 x 16), as SD3's and FLUX's."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def tiny_sd3_pipeline(*, seed: int = 0, with_t5: bool = False) -> StableDiffusion3Pipeline:
@@ -358,26 +386,12 @@ def tiny_sd3_pipeline(*, seed: int = 0, with_t5: bool = False) -> StableDiffusio
             dual_attention_layers=(0,),  # SD3.5's MMDiT-X self-attention branch in block 0
             qk_norm="rms_norm",  # as SD3.5
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)
         tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-        text_encoder = _tiny_clip_encoder(tokenizer)
-        text_encoder_2 = _tiny_clip_encoder(tokenizer_2)
+        text_encoder = CLIPTextModelWithProjection(tiny_clip_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer_2))
         tokenizer_3 = tiny_t5_tokenizer() if with_t5 else None
-        text_encoder_3 = _tiny_t5_encoder(tokenizer_3) if tokenizer_3 is not None else None
+        text_encoder_3 = T5EncoderModel(tiny_t5_config(tokenizer_3)) if tokenizer_3 else None
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -451,35 +465,6 @@ def tiny_sd3_is_complete(path: str | os.PathLike[str]) -> bool:
     return all(_component_complete(root / k, str(v[1])) for k, v in entries.items())
 
 
-def _rename_into_place(src: Path, out: Path) -> bool:
-    """Atomically rename ``src`` to a missing or empty ``out``; False when ``out`` holds files."""
-    with suppress(OSError):  # only an empty directory goes; racing another builder is harmless
-        out.rmdir()
-    try:
-        os.rename(src, out)
-    except OSError:
-        if not out.is_dir():
-            raise
-        return False
-    return True
-
-
-def _replace_components(src: Path, out: Path) -> None:
-    """Move each built entry over its namesake in ``out`` (other files stay), model_index last.
-
-    The stale model_index.json goes first, so a crash in between leaves a folder that
-    :func:`tiny_sd3_is_complete` rejects.
-    """
-    (out / "model_index.json").unlink(missing_ok=True)
-    for entry in sorted(src.iterdir(), key=lambda p: p.name == "model_index.json"):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.rename(entry, target)
-
-
 def ensure_tiny_sd3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """Build the tiny SD3 pipeline at ``path`` unless a complete one is already there.
 
@@ -489,26 +474,13 @@ def ensure_tiny_sd3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
     ``torch.distributed`` call it on global rank 0 only (transformers saves text encoders on
     rank 0 only) and have the other ranks wait at a barrier: ``MarbleModule`` does so.
     """
-    out = Path(path)
-    if tiny_sd3_is_complete(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        build_tiny_sd3(tmp, **kwargs)
-        if not tiny_sd3_is_complete(tmp):
-            raise ModelLoadError(
-                f"Building the tiny SD3 pipeline at {out} wrote an incomplete folder (under "
-                "torch.distributed, transformers saves on global rank 0 only: build it there)."
-            )
-        if not _rename_into_place(tmp, out) and not tiny_sd3_is_complete(out):
-            _replace_components(tmp, out)  # a half-written folder, or one with other files
-    except OSError:
-        if not tiny_sd3_is_complete(out):  # not another process winning the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return ensure_built(
+        path,
+        lambda tmp: build_tiny_sd3(tmp, **kwargs),
+        tiny_sd3_is_complete,
+        what="tiny SD3 pipeline",
+        error=ModelLoadError,
+    )
 
 
 def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any]:
