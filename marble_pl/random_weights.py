@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,14 @@ from marble_pl.models import (
 
 __all__ = [
     "RandomSD3",
+    "apply_overrides",
     "build_random_sd3",
     "check_sd3_architecture",
+    "collect_configs",
     "random_module",
     "random_weights_resolution_multiple",
+    "read_cached_configs",
+    "read_local_configs",
     "sd3_configs",
 ]
 
@@ -63,21 +67,37 @@ class RandomSD3:
     """``pretrained`` (the model's own files) or ``byte-level`` (no tokenizer files found)."""
 
 
-def _collect(locate: Callable[[str], Path | None]) -> dict[str, dict[str, Any]] | None:
-    """Every component config ``locate`` finds; None unless all the required ones are there."""
+def collect_configs(
+    locate: Callable[[str], Path | None],
+    files: Mapping[str, str] = _CONFIG_FILES,
+    optional: Collection[str] = _OPTIONAL,
+) -> dict[str, dict[str, Any]] | None:
+    """``component -> config`` of each of ``files`` (component -> relative path) that ``locate``
+    finds; None unless all but the ``optional`` ones are there."""
     found = {}
-    for name, rel in _CONFIG_FILES.items():
+    for name, rel in files.items():
         file = locate(rel)
         if file is not None:
             found[name] = json.loads(file.read_text())
-    return found if set(_CONFIG_FILES) - _OPTIONAL <= set(found) else None
+    return found if set(files) - set(optional) <= set(found) else None
 
 
-def _read_local(root: Path) -> dict[str, dict[str, Any]] | None:
-    return _collect(lambda rel: root / rel if (root / rel).is_file() else None)
+def read_local_configs(
+    root: Path, files: Mapping[str, str] = _CONFIG_FILES, optional: Collection[str] = _OPTIONAL
+) -> dict[str, dict[str, Any]] | None:
+    """:func:`collect_configs` from the files under the directory ``root``."""
+    return collect_configs(
+        lambda rel: root / rel if (root / rel).is_file() else None, files, optional
+    )
 
 
-def _read_cache(repo_id: str, revision: str | None) -> dict[str, dict[str, Any]] | None:
+def read_cached_configs(
+    repo_id: str,
+    revision: str | None,
+    files: Mapping[str, str] = _CONFIG_FILES,
+    optional: Collection[str] = _OPTIONAL,
+) -> dict[str, dict[str, Any]] | None:
+    """:func:`collect_configs` from the Hugging Face cache only (``local_files_only``)."""
     from huggingface_hub import hf_hub_download
 
     def cached(rel: str) -> Path | None:
@@ -86,7 +106,7 @@ def _read_cache(repo_id: str, revision: str | None) -> dict[str, dict[str, Any]]
         except Exception:  # not cached (or not a valid repo id): this file is absent
             return None
 
-    return _collect(cached)
+    return collect_configs(cached, files, optional)
 
 
 def sd3_configs(
@@ -99,7 +119,7 @@ def sd3_configs(
     """
     name = os.fspath(pretrained_model_name_or_path)
     if looks_like_local_path(name):
-        configs = _read_local(Path(name).expanduser())
+        configs = read_local_configs(Path(name).expanduser())
         if configs is None:
             raise ModelLoadError(
                 f"cannot build {name!r} with random weights: the directory lacks the components' "
@@ -107,7 +127,7 @@ def sd3_configs(
                 "scheduler/)"
             )
         return configs, "local directory"
-    configs = _read_cache(name, revision)
+    configs = read_cached_configs(name, revision)
     if configs is not None:
         return configs, "Hugging Face cache"
     configs = shipped_sd3_configs(name)
@@ -161,14 +181,19 @@ def random_module(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int 
     return module
 
 
-def _apply_overrides(
-    configs: dict[str, dict[str, Any]], overrides: Mapping[str, Mapping[str, Any]] | None
+def apply_overrides(
+    configs: dict[str, dict[str, Any]],
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+    components: Collection[str] = _CONFIG_FILES,
+    family: str = "",
 ) -> None:
+    """Update ``configs`` in place with ``model.architecture_overrides``; a one-line
+    ``ConfigError`` for a component not among the family's ``components``, or not in this model."""
     for component, values in (overrides or {}).items():
-        if component not in _CONFIG_FILES:
+        if component not in components:
             raise ConfigError(
-                f"model.architecture_overrides: unknown component {component!r}; one of "
-                f"{sorted(_CONFIG_FILES)}"
+                f"model.architecture_overrides: unknown {family}component {component!r}; one of "
+                f"{sorted(components)}"
             )
         if component not in configs:
             raise ConfigError(
@@ -259,7 +284,7 @@ def build_random_sd3(
 
     name = os.fspath(pretrained_model_name_or_path)
     configs, source = sd3_configs(name, revision)
-    _apply_overrides(configs, architecture_overrides)
+    apply_overrides(configs, architecture_overrides)
     check_sd3_architecture(configs)
     with_t5 = load_t5 and "text_encoder_3" in configs
 
@@ -299,7 +324,7 @@ def random_weights_resolution_multiple(
     builds (see :func:`~marble_pl.checks.resolution_multiple`); None if it cannot be read."""
     try:
         configs, _ = sd3_configs(pretrained_model_name_or_path)
-        _apply_overrides(configs, architecture_overrides)
+        apply_overrides(configs, architecture_overrides)
         patch_size = int(configs["transformer"]["patch_size"])
         vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     except (ModelLoadError, KeyError, TypeError, ValueError):

@@ -26,7 +26,12 @@ from marble_pl.models import (
     tiny_clip_tokenizer,
     tiny_t5_tokenizer,
 )
-from marble_pl.random_weights import random_module
+from marble_pl.random_weights import (
+    apply_overrides,
+    random_module,
+    read_cached_configs,
+    read_local_configs,
+)
 
 __all__ = [
     "FluxComponents",
@@ -110,43 +115,20 @@ class RandomFlux:
     tokenizer_source: str
 
 
-def _collect(locate: Callable[[str], Path | None]) -> dict[str, dict[str, Any]] | None:
-    found = {}
-    for name, rel in _CONFIG_FILES.items():
-        file = locate(rel)
-        if file is None:
-            return None
-        found[name] = json.loads(file.read_text())
-    return found
-
-
-def _read_cache(repo_id: str, revision: str | None) -> dict[str, dict[str, Any]] | None:
-    from huggingface_hub import hf_hub_download
-
-    def cached(rel: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, rel, revision=revision, local_files_only=True))
-        except Exception:  # not cached (or not a valid repo id): this file is absent
-            return None
-
-    return _collect(cached)
-
-
 def flux_configs(
     pretrained_model_name_or_path: str | os.PathLike[str], revision: str | None = None
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """``component -> config`` of a FLUX pipeline read without any download, and the source."""
     name = os.fspath(pretrained_model_name_or_path)
     if looks_like_local_path(name):
-        root = Path(name).expanduser()
-        configs = _collect(lambda rel: root / rel if (root / rel).is_file() else None)
+        configs = read_local_configs(Path(name).expanduser(), _CONFIG_FILES, optional=())
         if configs is None:
             raise ModelLoadError(
                 f"cannot build {name!r} with random weights: the directory lacks the components' "
                 f"config files ({', '.join(_CONFIG_FILES.values())})"
             )
         return configs, "local directory"
-    configs = _read_cache(name, revision)
+    configs = read_cached_configs(name, revision, _CONFIG_FILES, optional=())
     if configs is not None:
         return configs, "Hugging Face cache"
     configs = shipped_flux_configs(name)
@@ -205,18 +187,6 @@ def check_flux_architecture(configs: Mapping[str, Mapping[str, Any]]) -> None:
                 f"the FLUX components do not fit together: {left} is {a} but {right} is {b}; "
                 "fix the config.json (or model.architecture_overrides) of one of them"
             )
-
-
-def _apply_overrides(
-    configs: dict[str, dict[str, Any]], overrides: Mapping[str, Mapping[str, Any]] | None
-) -> None:
-    for component, values in (overrides or {}).items():
-        if component not in configs:
-            raise ConfigError(
-                f"model.architecture_overrides: unknown FLUX component {component!r}; one of "
-                f"{sorted(configs)}"
-            )
-        configs[component].update(dict(values))
 
 
 def _tokenizers(name: str, revision: str | None) -> tuple[Any, Any, str]:
@@ -281,7 +251,7 @@ def build_random_flux(
     """
     name = os.fspath(pretrained_model_name_or_path)
     configs, source = flux_configs(name, revision)
-    _apply_overrides(configs, architecture_overrides)
+    apply_overrides(configs, architecture_overrides, _CONFIG_FILES, family="FLUX ")
     check_flux_architecture(configs)
     seeds = {k: seed + i for i, k in enumerate(_CONFIG_FILES)}
     parts = build_flux_modules(configs, lambda k, make: random_module(make, dtype, seeds[k]))
