@@ -18,6 +18,7 @@ __all__ = [
     "SD3_COMPONENT_CLASSES",
     "TROCR_BASE_PRINTED",
     "shipped_clip_config",
+    "shipped_configs",
     "shipped_mask2former_config",
     "shipped_sd3_configs",
     "shipped_trocr_config",
@@ -137,10 +138,17 @@ _SHIPPED: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def shipped_configs(
+    table: dict[str, dict[str, dict[str, Any]]], name: str
+) -> dict[str, dict[str, Any]] | None:
+    """A copy of ``table``'s component configs of hub id ``name``; None for another model."""
+    configs = table.get(name.rstrip("/"))
+    return None if configs is None else copy.deepcopy(configs)
+
+
 def shipped_sd3_configs(name: str) -> dict[str, dict[str, Any]] | None:
     """A copy of the shipped component configs of hub id ``name``; None for another model."""
-    configs = _SHIPPED.get(name.rstrip("/"))
-    return None if configs is None else copy.deepcopy(configs)
+    return shipped_configs(_SHIPPED, name)
 
 
 # ------------------------------------------------------------------ reward backbones

@@ -8,10 +8,9 @@ CLIP ViT-L/14's text tower (pooled only) and T5 v1.1 XXL's encoder (the token se
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from marble_pl.architectures import _CLIP_L_TEXT, _T5_XXL_ENCODER
+from marble_pl.architectures import _CLIP_L_TEXT, _SD3_VAE, _T5_XXL_ENCODER, shipped_configs
 
 __all__ = [
     "FLUX_COMPONENT_CLASSES",
@@ -49,24 +48,7 @@ _FLUX_DEV_TRANSFORMER: dict[str, Any] = {
 }
 
 # SD3's VAE layout, with FLUX's own latent statistics.
-_FLUX_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "force_upcast": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
+_FLUX_VAE: dict[str, Any] = {**_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 # The shift grows with the image's token count: mu from 0.5 at 256 tokens to 1.15 at 4096.
 _FLUX_SCHEDULER: dict[str, Any] = {
@@ -92,5 +74,4 @@ _SHIPPED: dict[str, dict[str, dict[str, Any]]] = {
 
 def shipped_flux_configs(name: str) -> dict[str, dict[str, Any]] | None:
     """A copy of the shipped component configs of hub id ``name``; None for another model."""
-    configs = _SHIPPED.get(name.rstrip("/"))
-    return None if configs is None else copy.deepcopy(configs)
+    return shipped_configs(_SHIPPED, name)
