@@ -65,3 +65,33 @@ def test_a_family_contradicting_model_index_is_one_line(tiny_sd3_path):
     assert "\n" not in message and "'flux' (FluxPipeline)" in message
     assert "'StableDiffusion3Pipeline'" in message and "model.family: sd3" in message
     assert policy_class(str(tiny_sd3_path), "sd3") is SD3Policy  # agreeing: fine
+
+
+def test_loading_freezes_all_but_the_denoiser_and_trains_only_its_lora(tiny_sd3_path):
+    """``Policy.prepare_training``: the parts other than the transformer are frozen and in eval
+    mode; the trainable parameters are exactly the LoRA's."""
+    policy = SD3Policy(
+        {
+            "pretrained_model_name_or_path": str(tiny_sd3_path),
+            "local_files_only": True,
+            "load_t5": False,
+            "weights_dtype": "float32",
+            "gradient_checkpointing": False,
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+            "lora_target_modules": ["to_q", "to_k", "to_v"],
+            "lora_init": "default",
+            "max_sequence_length": 16,
+            "random_weights": False,
+            "architecture_overrides": None,
+            "resolution": 32,
+            "eval_ema_decay": None,
+            "seed": 0,
+        }  # fmt: skip
+    )
+    policy.load()
+    assert set(policy.modules()) == set(SD3Policy.module_names)
+    for module in policy.frozen_modules():
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    trainable = {id(p) for p in policy.transformer.parameters() if p.requires_grad}
+    assert trainable and trainable == {id(p) for p in policy.lora_params}

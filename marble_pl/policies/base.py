@@ -102,6 +102,8 @@ class Policy(ABC):
     default_distilled_guidance: ClassVar[float | None] = None
     """The value of the denoiser's distilled-guidance input embedding when
     ``model.distilled_guidance`` is null; None: the family has no such input."""
+    module_names: ClassVar[tuple[str, ...]] = ("transformer",)
+    """The attributes holding the family's ``nn.Module`` parts, the denoiser first."""
     transformer: nn.Module
     scheduler: Any
     lora_params: list[nn.Parameter]
@@ -115,9 +117,10 @@ class Policy(ABC):
     def load(self) -> None:
         """Load (or build at random) the parts, freeze them, attach the adapters."""
 
-    @abstractmethod
     def modules(self) -> dict[str, nn.Module | None]:
-        """The ``nn.Module`` parts by attribute name (the denoiser as ``transformer``)."""
+        """The ``nn.Module`` parts by attribute name (the denoiser as ``transformer``): the
+        family's :attr:`module_names` (None for one not loaded)."""
+        return {name: getattr(self, name) for name in self.module_names}
 
     @abstractmethod
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -186,6 +189,15 @@ class Policy(ABC):
     def device(self) -> torch.device:
         """Where the denoiser's weights are."""
         return next(self.transformer.parameters()).device
+
+    def prepare_training(self) -> None:
+        """The end of every family's :meth:`load`: freeze the parts but the denoiser (eval
+        mode), attach the LoRA adapters to it and, when asked, its gradient checkpointing."""
+        for frozen in self.frozen_modules():
+            frozen.requires_grad_(False).eval()
+        self.lora_params = self.attach_adapters(self.transformer)
+        if self.hparams["gradient_checkpointing"]:
+            self.transformer.enable_gradient_checkpointing()
 
     def attach_adapters(self, transformer: nn.Module) -> list[nn.Parameter]:
         """The trained LoRA (``default``), its sampling copy (``old``) and, with

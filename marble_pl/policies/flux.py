@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from torch import Tensor, nn
+from torch import Tensor
 
 from marble_pl.checks import check_resolution
 from marble_pl.errors import ConfigError
@@ -43,7 +43,6 @@ DISTILLED_GUIDANCE = 3.5
 """FLUX.1-dev's guidance embedding value: ``FluxPipeline``'s default and Flow-GRPO's FLUX
 recipes' ``guidance_scale``; ``model.distilled_guidance`` when set."""
 
-_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 PACKING = 2
 """Latent cells per token side: FLUX packs 2x2 cells into one token of 4 x 16 channels."""
 
@@ -104,6 +103,8 @@ class FluxPolicy(Policy):
     """FLUX's transformer with its LoRA adapters, CLIP + T5, the VAE and the flow sampler."""
 
     name = "flux"
+    module_names = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    """The transformer, the VAE, CLIP and T5."""
     default_distilled_guidance = DISTILLED_GUIDANCE
     components: FluxComponents
 
@@ -157,8 +158,6 @@ class FluxPolicy(Policy):
             ).components
         else:
             parts = load_flux(path, local_files_only=hp["local_files_only"], dtype=dtype)
-        for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-            frozen.requires_grad_(False).eval()
         self.components = parts
         self.transformer = parts.transformer
         self.vae = parts.vae
@@ -171,18 +170,12 @@ class FluxPolicy(Policy):
                 "transformer has no guidance embedding (guidance_embeds: false, e.g. "
                 "FLUX.1-schnell): set model.distilled_guidance: null"
             )
-        self.lora_params = self.attach_adapters(self.transformer)
-        if hp["gradient_checkpointing"]:
-            self.transformer.enable_gradient_checkpointing()
+        self.prepare_training()
         self.vae_scale_factor = parts.vae_scale_factor
         self.patch_size = PACKING  # a token is a 2x2 patch of latent cells, as SD3's patches
         check_resolution(
             hp["resolution"], PACKING * self.vae_scale_factor, self.vae_scale_factor, PACKING
         )
-
-    def modules(self) -> dict[str, nn.Module | None]:
-        """The transformer, the VAE, CLIP and T5."""
-        return {name: getattr(self, name) for name in _PARTS}
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """``(T5 sequence, CLIP pooled)`` of the prompts (no negative prompt: FLUX-dev has no

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from marble_pl.checks import check_resolution, resolution_multiple
 from marble_pl.models import TORCH_DTYPES, encode_prompts, ensure_tiny_sd3, load_sd3
@@ -20,14 +20,14 @@ from marble_pl.rollout import RolloutConfig, RolloutOutput, rollout, schedule_si
 
 __all__ = ["SD3Policy"]
 
-_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-
 
 @register_policy("StableDiffusion3Pipeline")
 class SD3Policy(Policy):
     """SD3's transformer with its LoRA adapters, three text encoders, VAE and scheduler."""
 
     name = "sd3"
+    module_names = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    """The transformer, the VAE and the three text encoders (T5 None when not loaded)."""
 
     def __init__(self, hparams) -> None:
         super().__init__(hparams)
@@ -62,9 +62,6 @@ class SD3Policy(Policy):
             parts = load_sd3(
                 path, local_files_only=hp["local_files_only"], load_t5=hp["load_t5"], dtype=dtype
             )
-        for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
         self.transformer = parts.transformer
         self.vae = parts.vae
         self.text_encoder = parts.text_encoder
@@ -72,17 +69,11 @@ class SD3Policy(Policy):
         self.text_encoder_3 = parts.text_encoder_3
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3)
         self.scheduler = parts.scheduler
-        self.lora_params = self.attach_adapters(self.transformer)
-        if hp["gradient_checkpointing"]:
-            self.transformer.enable_gradient_checkpointing()
+        self.prepare_training()
         self.patch_size = int(self.transformer.config.patch_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         multiple = self.vae_scale_factor * self.patch_size
         check_resolution(hp["resolution"], multiple, self.vae_scale_factor, self.patch_size)
-
-    def modules(self) -> dict[str, nn.Module | None]:
-        """The transformer, the VAE and the three text encoders (T5 None when not loaded)."""
-        return {name: getattr(self, name) for name in _PARTS}
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """Text conditioning ``(prompt_embeds, pooled)`` from the frozen encoders."""
