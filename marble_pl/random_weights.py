@@ -32,6 +32,7 @@ from marble_pl.models import (
 )
 
 __all__ = [
+    "ConfigSources",
     "RandomSD3",
     "apply_overrides",
     "build_random_sd3",
@@ -39,6 +40,7 @@ __all__ = [
     "collect_configs",
     "random_module",
     "random_weights_resolution_multiple",
+    "read_configs",
     "read_cached_configs",
     "read_local_configs",
     "sd3_configs",
@@ -109,6 +111,62 @@ def read_cached_configs(
     return collect_configs(cached, files, optional)
 
 
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where a model family's component configs are read from, without any download."""
+
+    files: Mapping[str, str]
+    """component -> its config file's path inside the pipeline folder"""
+    optional: Collection[str]
+    shipped: Callable[[str], dict[str, dict[str, Any]] | None]
+    """hub id -> a copy of the configs shipped with marble-pl, or None"""
+    shipped_ids: str
+    shipped_from: str
+    """the module holding the shipped configs (said as the source)"""
+    local_files: str
+    """what a local directory must hold, for the error"""
+
+
+_SD3_SOURCES = ConfigSources(
+    files=_CONFIG_FILES,
+    optional=_OPTIONAL,
+    shipped=shipped_sd3_configs,
+    shipped_ids=SD35_MEDIUM,
+    shipped_from="marble_pl.architectures",
+    local_files="config.json files (transformer/, vae/, text_encoder/, text_encoder_2/, "
+    "scheduler/)",
+)
+
+
+def read_configs(
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    revision: str | None,
+    sources: ConfigSources,
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """``component -> config`` read without any download, and the source: a local directory's
+    config files, else the Hugging Face cache's, else those shipped for known hub ids."""
+    name = os.fspath(pretrained_model_name_or_path)
+    if looks_like_local_path(name):
+        configs = read_local_configs(Path(name).expanduser(), sources.files, sources.optional)
+        if configs is None:
+            raise ModelLoadError(
+                f"cannot build {name!r} with random weights: the directory lacks the components' "
+                f"{sources.local_files}"
+            )
+        return configs, "local directory"
+    configs = read_cached_configs(name, revision, sources.files, sources.optional)
+    if configs is not None:
+        return configs, "Hugging Face cache"
+    configs = sources.shipped(name)
+    if configs is None:
+        raise ModelLoadError(
+            f"cannot build {name!r} with random weights: its configs are neither cached nor "
+            f"shipped with marble-pl (shipped: {sources.shipped_ids}); pass a local directory "
+            "holding the components' config.json files"
+        )
+    return configs, f"shipped ({sources.shipped_from})"
+
+
 def sd3_configs(
     pretrained_model_name_or_path: str | os.PathLike[str], revision: str | None = None
 ) -> tuple[dict[str, dict[str, Any]], str]:
@@ -117,27 +175,7 @@ def sd3_configs(
     A local directory's ``config.json`` files first, then the Hugging Face cache's, then the
     configs shipped for known hub ids (:data:`~marble_pl.architectures.SD35_MEDIUM`).
     """
-    name = os.fspath(pretrained_model_name_or_path)
-    if looks_like_local_path(name):
-        configs = read_local_configs(Path(name).expanduser())
-        if configs is None:
-            raise ModelLoadError(
-                f"cannot build {name!r} with random weights: the directory lacks the components' "
-                "config.json files (transformer/, vae/, text_encoder/, text_encoder_2/, "
-                "scheduler/)"
-            )
-        return configs, "local directory"
-    configs = read_cached_configs(name, revision)
-    if configs is not None:
-        return configs, "Hugging Face cache"
-    configs = shipped_sd3_configs(name)
-    if configs is None:
-        raise ModelLoadError(
-            f"cannot build {name!r} with random weights: its configs are neither cached nor "
-            f"shipped with marble-pl (shipped: {SD35_MEDIUM}); pass a local directory holding "
-            "the components' config.json files"
-        )
-    return configs, "shipped (marble_pl.architectures)"
+    return read_configs(pretrained_model_name_or_path, revision, _SD3_SOURCES)
 
 
 def _fan_in(shape: torch.Size) -> int:

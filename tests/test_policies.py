@@ -87,7 +87,7 @@ def test_loading_freezes_all_but_the_denoiser_and_trains_only_its_lora(tiny_sd3_
             "resolution": 32,
             "eval_ema_decay": None,
             "seed": 0,
-        }  # fmt: skip
+        }
     )
     policy.load()
     assert set(policy.modules()) == set(SD3Policy.module_names)

@@ -27,10 +27,10 @@ from marble_pl.models import (
     tiny_t5_tokenizer,
 )
 from marble_pl.random_weights import (
+    ConfigSources,
     apply_overrides,
     random_module,
-    read_cached_configs,
-    read_local_configs,
+    read_configs,
 )
 
 __all__ = [
@@ -50,6 +50,14 @@ _CONFIG_FILES = {
     "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
+_SOURCES = ConfigSources(
+    files=_CONFIG_FILES,
+    optional=(),
+    shipped=shipped_flux_configs,
+    shipped_ids=FLUX_DEV,
+    shipped_from="marble_pl.flux.architecture",
+    local_files=f"config files ({', '.join(_CONFIG_FILES.values())})",
+)
 _MIN_VOCAB = 1000  # fewer tokens: not the model's tokenizer (transformers builds empty ones)
 
 
@@ -119,26 +127,7 @@ def flux_configs(
     pretrained_model_name_or_path: str | os.PathLike[str], revision: str | None = None
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """``component -> config`` of a FLUX pipeline read without any download, and the source."""
-    name = os.fspath(pretrained_model_name_or_path)
-    if looks_like_local_path(name):
-        configs = read_local_configs(Path(name).expanduser(), _CONFIG_FILES, optional=())
-        if configs is None:
-            raise ModelLoadError(
-                f"cannot build {name!r} with random weights: the directory lacks the components' "
-                f"config files ({', '.join(_CONFIG_FILES.values())})"
-            )
-        return configs, "local directory"
-    configs = read_cached_configs(name, revision, _CONFIG_FILES, optional=())
-    if configs is not None:
-        return configs, "Hugging Face cache"
-    configs = shipped_flux_configs(name)
-    if configs is None:
-        raise ModelLoadError(
-            f"cannot build {name!r} with random weights: its configs are neither cached nor "
-            f"shipped with marble-pl (shipped: {FLUX_DEV}); pass a local directory holding the "
-            "components' config.json files"
-        )
-    return configs, "shipped (marble_pl.flux.architecture)"
+    return read_configs(pretrained_model_name_or_path, revision, _SOURCES)
 
 
 def is_flux(pretrained_model_name_or_path: str | os.PathLike[str]) -> bool:
