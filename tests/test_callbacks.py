@@ -102,7 +102,10 @@ def test_output_space_audit_matches_independent_exact_cosines(tiny_sd3_path, mon
         m, lam = rec.gram.double().numpy(), np.asarray(rec.weights, dtype=np.float64)
         expected = (m @ lam) / np.sqrt(np.diag(m) * (lam @ m @ lam))
         got = [logged[f"cos/{n}"] for n in module.reward_names]
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        # The monitor sums float32 per-sample statistics; (M lambda)_k cancels positive against
+        # negative terms, so its error is float32 eps (1.2e-7) times |M| |lambda| / the norms,
+        # not times cos_k: an absolute bound (measured 2.4e-6 on one seeding), not a relative one.
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
 
 
 def test_monitor_on_weighted_sum_baseline_logs_identical_cosines(tiny_sd3_path):
