@@ -62,6 +62,9 @@ class SampleGrid(Callback):
         at_start: also sample the grid before the first update (step 0: the base model, as
             the LoRA starts at zero), the "before" to compare every later grid with. A resumed
             run does not repeat it.
+        min_cell_size: enlarge images smaller than this many pixels by a whole factor,
+            nearest neighbour, before tiling (0: as sampled). For low-resolution tasks such as
+            the 16x16 digits, whose grid is otherwise too small to read in TensorBoard.
 
     Example (YAML)::
 
@@ -81,6 +84,7 @@ class SampleGrid(Callback):
         name: str = "validation",
         max_prompts: int = 8,
         at_start: bool = False,
+        min_cell_size: int = 0,
     ) -> None:
         if prompts is not None and prompt_file is not None:
             raise ConfigError(
@@ -89,10 +93,11 @@ class SampleGrid(Callback):
             )
         if prompts is not None and not list(prompts):
             raise ConfigError("SampleGrid got an empty prompt list")
-        if every_n_steps < 0 or images_per_prompt < 1 or max_prompts < 1:
+        if every_n_steps < 0 or images_per_prompt < 1 or max_prompts < 1 or min_cell_size < 0:
             raise ConfigError(
-                "SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1, max_prompts >= 1; "
-                f"got {every_n_steps}, {images_per_prompt}, {max_prompts}"
+                "SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1, max_prompts >= 1, "
+                f"min_cell_size >= 0; got {every_n_steps}, {images_per_prompt}, {max_prompts}, "
+                f"{min_cell_size}"
             )
         self.max_prompts = max_prompts
         self.prompts: list[str] = []
@@ -106,6 +111,7 @@ class SampleGrid(Callback):
         self.seed = seed
         self.name = name
         self.at_start = at_start
+        self.min_cell_size = min_cell_size
         self.last_path: Path | None = None
         self.log_dir: Path | None = None
         self._last_step = -1
@@ -155,7 +161,7 @@ class SampleGrid(Callback):
         config = getattr(pl_module, "eval_rollout_config", None)  # evaluation sampler steps
         out = pl_module.sample(prompts, generator, adapter=adapter, config=config)
         scores = pl_module.score(out.images, prompts, metadata)
-        grid = image_grid(out.images, ncol=self.images_per_prompt)
+        grid = image_grid(out.images, ncol=self.images_per_prompt, min_cell_size=self.min_cell_size)
         log_dir = self.log_dir or Path(trainer.default_root_dir)
         self.last_path = save_png(grid, log_dir / "samples" / f"{self.name}_step{step:06d}.png")
         for logger in trainer.loggers:

@@ -119,3 +119,28 @@ def test_at_start_renders_the_base_once_and_never_on_resume(tmp_path):
     plain.setup(trainer, module, "fit")
     plain.on_train_start(trainer, module)
     assert resumed.last_path is None and plain.last_path is None
+
+
+def test_upscale_to_repeats_each_pixel_by_the_smallest_whole_factor():
+    from marble_pl.grid import upscale_to
+
+    images = torch.rand(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    big = upscale_to(images, 20)  # shorter side 6 -> factor ceil(20 / 6) = 4
+    assert big.shape == (2, 3, 32, 24)
+    assert torch.equal(big[:, :, ::4, ::4], images)  # every block is its source pixel
+    assert torch.equal(big[:, :, 3::4, 3::4], images)
+    assert upscale_to(images, 0) is images and upscale_to(images, 6) is images
+
+
+def test_min_cell_size_enlarges_the_saved_grid(tmp_path):
+    """8x8 samples with ``min_cell_size=64``: cells of 64 px (factor 8), 2 px padding, so a
+    row of two images is 2 + 2 * (64 + 2) px wide (the pixels: test above)."""
+    from PIL import Image
+
+    trainer, module = fake_trainer(None, tmp_path), FakeModule()
+    grid = SampleGrid(prompts=["a red cube"], images_per_prompt=2, min_cell_size=64)
+    grid.setup(trainer, module, "fit")
+    path = grid.render(trainer, module)
+    assert Image.open(path).size == (2 + 2 * 66, 2 + 66)
+    with pytest.raises(ConfigError, match="min_cell_size >= 0"):
+        SampleGrid(prompts=["a"], min_cell_size=-1)
