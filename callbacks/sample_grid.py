@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,14 +27,24 @@ def score_text(value: float) -> str:
 
 
 def validation_prompts(trainer: Trainer) -> tuple[list[str], list[dict[str, Any]]]:
-    """The data module's validation prompts and metadata, or a one-line error when it has none."""
+    """The data module's distinct validation prompts (first occurrence, in order) and their
+    metadata, or a one-line error when it has none. A validation file may repeat a prompt to
+    average over more noise; the grid's rows already show several seeds of each."""
     dataset = getattr(getattr(trainer, "datamodule", None), "val_dataset", None)
     if dataset is None or not len(dataset):
         raise ConfigError(
             "SampleGrid has no prompts: give it `prompts` or `prompt_file`, or give the data "
             "module validation prompts (data.val_file, or data.root with data.val_split)"
         )
-    return list(dataset.prompts), [dict(m) for m in dataset.metadata]
+    seen: set[str] = set()
+    prompts, metadata = [], []
+    for prompt, meta in zip(dataset.prompts, dataset.metadata, strict=True):
+        key = json.dumps([prompt, meta], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+            metadata.append(dict(meta))
+    return prompts, metadata
 
 
 class SampleGrid(Callback):

@@ -144,3 +144,17 @@ def test_min_cell_size_enlarges_the_saved_grid(tmp_path):
     assert Image.open(path).size == (2 + 2 * 66, 2 + 66)
     with pytest.raises(ConfigError, match="min_cell_size >= 0"):
         SampleGrid(prompts=["a"], min_cell_size=-1)
+
+
+def test_repeated_validation_prompts_give_one_row_each(tmp_path):
+    """A validation file that repeats prompts (more noise per prompt) gives the grid each
+    distinct (prompt, metadata) once, in first-seen order."""
+    val = tmp_path / "val.txt"
+    val.write_text("a handwritten 0\na handwritten 2\na handwritten 0\na handwritten 7\n")
+    train = tmp_path / "train.txt"
+    train.write_text("a cat\n")
+    data = PromptDataModule(train_file=str(train), val_file=str(val), batch_size=1, group_size=2)
+    data.setup("fit")
+    grid = SampleGrid(max_prompts=8)
+    grid.setup(fake_trainer(data, tmp_path), FakeModule(), "fit")
+    assert grid.prompts == ["a handwritten 0", "a handwritten 2", "a handwritten 7"]
