@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -20,7 +21,7 @@ def upscale_to(images: Tensor, min_size: int) -> Tensor:
     factor = math.ceil(min_size / min(images.shape[-2:])) if min_size > 0 else 1
     if factor <= 1:
         return images
-    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return F.interpolate(images, scale_factor=factor, mode="nearest")
 
 
 def image_grid(
